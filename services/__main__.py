@@ -1,0 +1,165 @@
+"""The command line: `python -m services ...` (see docs/DESIGN.md, "CLI").
+
+Exit 0 on success; 2 with one line on stderr for a user error; 1 for an internal fault.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import io
+import json
+import sys
+
+from services.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage errors are user errors too: one line, exit 2
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m services", description="Compression Explorer services")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    worker = sub.add_parser("worker", help="run the background service")
+    worker.add_argument("--once", action="store_true", help="drain the queue, then exit")
+
+    models = sub.add_parser("models").add_subparsers(dest="action", required=True, parser_class=_Parser)
+    models.add_parser("list").add_argument("--json", action="store_true")
+    prepare = models.add_parser("prepare")
+    prepare.add_argument("id")
+    prepare.add_argument("--wait", action="store_true")
+    prepare.add_argument("--json", action="store_true")
+
+    methods = sub.add_parser("methods").add_subparsers(dest="action", required=True, parser_class=_Parser)
+    methods.add_parser("list").add_argument("--json", action="store_true")
+
+    compress = sub.add_parser("compress")
+    compress.add_argument("--model", required=True)
+    compress.add_argument("--recipe", required=True, help="a JSON/YAML file or inline JSON")
+    compress.add_argument("--wait", action="store_true")
+    compress.add_argument("--json", action="store_true")
+
+    jobs = sub.add_parser("jobs").add_subparsers(dest="action", required=True, parser_class=_Parser)
+    jobs_list = jobs.add_parser("list")
+    jobs_list.add_argument("--status")
+    jobs_list.add_argument("--limit", type=int, default=100)
+    jobs_list.add_argument("--offset", type=int, default=0)
+    jobs_list.add_argument("--json", action="store_true")
+    for action in ("show", "cancel"):
+        one = jobs.add_parser(action)
+        one.add_argument("id")
+        one.add_argument("--json", action="store_true")
+
+    runs = sub.add_parser("runs").add_subparsers(dest="action", required=True, parser_class=_Parser)
+    runs_list = runs.add_parser("list")
+    runs_list.add_argument("--model")
+    runs_list.add_argument("--limit", type=int, default=100)
+    runs_list.add_argument("--offset", type=int, default=0)
+    runs_list.add_argument("--json", action="store_true")
+    runs_show = runs.add_parser("show")
+    runs_show.add_argument("id")
+    runs_show.add_argument("--json", action="store_true")
+
+    report = sub.add_parser("report")
+    report.add_argument("id")
+    report.add_argument("--format", choices=("html", "json", "csv"), default="json")
+    return parser
+
+
+def _print(value, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(value, indent=2, default=str))
+    elif isinstance(value, list):
+        for item in value:
+            print(_one_line(item))
+    else:
+        print(_one_line(value) if isinstance(value, dict) else value)
+
+
+def _one_line(item: dict) -> str:
+    keys = ("id", "name", "kind", "status", "model_id", "message", "error", "share_path")
+    return "  ".join(f"{k}={item[k]}" for k in keys if item.get(k) not in (None, ""))
+
+
+def _report(run: dict, fmt: str) -> str:
+    from services import api
+
+    if fmt == "json":
+        return json.dumps(run, indent=2)
+    rows = [("metric", "run", "baseline")]
+    if run["metrics"]:
+        for key in ("size_bytes", "zipped_bytes", "params", "nonzero_params", "throughput_per_s", "score", "fidelity"):
+            rows.append((key, run["metrics"].get(key), run["baseline"].get(key)))
+        for key in ("latency_ms", "batch_latency_ms"):
+            for pct in ("p50", "p95"):
+                rows.append((f"{key}.{pct}", run["metrics"][key][pct], run["baseline"][key][pct]))
+    if fmt == "csv":
+        out = io.StringIO()
+        csv.writer(out).writerows(rows)
+        return out.getvalue()
+    summary = api.summary_sentence(run["metrics"], run["baseline"]) if run["metrics"] else run["status"]
+    body = "".join(f"<tr>{''.join(f'<td>{html.escape(str(c))}</td>' for c in row)}</tr>" for row in rows)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Run {html.escape(run['id'])}</title></head>"
+            f"<body><h1>Run {html.escape(run['id'])} of {html.escape(run['model_id'])}</h1>"
+            f"<p>{html.escape(summary)}</p><table>{body}</table>"
+            f"<pre>{html.escape(json.dumps(run['recipe'], indent=2))}</pre></body></html>")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "worker":
+        from services.worker import main as worker_main
+
+        return worker_main(once=args.once)
+
+    from services import api
+
+    db = api.connect()
+    as_json = getattr(args, "json", False)
+    if args.command == "models" and args.action == "list":
+        _print(api.list_models(db), as_json)
+    elif args.command == "models" and args.action == "prepare":
+        job_id = api.prepare_model(db, args.id)
+        if job_id and args.wait:
+            api.wait_for_job(db, job_id)
+        _print(api.get_model(db, args.id), as_json)
+    elif args.command == "methods":
+        _print(api.list_methods(), as_json)
+    elif args.command == "compress":
+        submitted = api.submit_compress(db, args.model, args.recipe)
+        if args.wait:
+            job = api.wait_for_job(db, submitted["job_id"])
+            run = api.get_run(db, submitted["run_id"])
+            _print(run, as_json)
+            if job["status"] != "succeeded":
+                print(f"error: job {job['id']} {job['status']}: {job.get('error') or job['message']}", file=sys.stderr)
+                return 1
+        else:
+            _print(submitted, as_json)
+    elif args.command == "jobs" and args.action == "list":
+        _print(api.list_jobs(db, args.status, args.limit, args.offset), as_json)
+    elif args.command == "jobs" and args.action == "show":
+        _print(api.get_job(db, args.id), as_json)
+    elif args.command == "jobs" and args.action == "cancel":
+        _print(api.cancel_job(db, args.id), as_json)
+    elif args.command == "runs" and args.action == "list":
+        _print(api.list_runs(db, args.model, args.limit, args.offset), as_json)
+    elif args.command == "runs" and args.action == "show":
+        _print(api.get_run(db, args.id), as_json)
+    elif args.command == "report":
+        print(_report(api.get_run(db, args.id), args.format))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

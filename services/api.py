@@ -1,0 +1,218 @@
+"""Everything the UI and the CLI may ask. No torch here: the web process imports this module.
+
+Every function takes the database first (a sqlite-utils Database from `storage.open_db`), so
+tests pass a fresh one and the pages pass a cached connection.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from services.catalog import BUILTIN_MODELS, MODEL_TASKS, TASKS
+from services.engine.methods import REGISTRY
+from services.errors import UserError
+from services.recipes import load_recipe_text, validate_recipe
+from storage import open_db, utcnow
+from storage import queue as q
+
+METRIC_KEYS = ("size_bytes", "zipped_bytes", "params", "nonzero_params", "latency_ms", "batch_latency_ms",
+               "throughput_per_s", "score", "score_name", "fidelity")
+
+
+def connect(home=None):
+    db = open_db(home)
+    ensure_builtin_models(db)
+    return db
+
+
+def ensure_builtin_models(db) -> None:
+    now = utcnow()
+    for model_id, spec in BUILTIN_MODELS.items():
+        db.execute(
+            """INSERT OR IGNORE INTO models (id, name, source, format, task, description, status, created_at, updated_at)
+               VALUES (?, ?, 'builtin', ?, ?, ?, 'new', ?, ?)""",
+            [model_id, spec["name"], spec["format"], spec["task"], spec["description"], now, now])
+
+
+# ---- models -------------------------------------------------------------------------------
+
+def _model_record(row: dict) -> dict:
+    row = dict(row)
+    row["card"] = json.loads(row["card"]) if row.get("card") else None
+    row["tasks"] = MODEL_TASKS.get(row["id"], [row["task"], "fidelity"])
+    return row
+
+
+def list_models(db) -> list[dict]:
+    return [_model_record(r) for r in db.query("SELECT * FROM models ORDER BY source, id")]
+
+
+def get_model(db, model_id: str) -> dict:
+    rows = list(db.query("SELECT * FROM models WHERE id = ?", [model_id]))
+    if not rows:
+        known = ", ".join(r["id"] for r in db.query("SELECT id FROM models ORDER BY id"))
+        raise UserError(f"Unknown model {model_id!r}; known models: {known}.", field="model")
+    return _model_record(rows[0])
+
+
+def prepare_model(db, model_id: str) -> str | None:
+    """Queue the job that trains/exports a model and computes its card, unless one is on its way."""
+    model = get_model(db, model_id)
+    if model["status"] == "ready":
+        return None
+    active = list(db.query("SELECT id FROM jobs WHERE model_id = ? AND kind = 'prepare' AND status IN "
+                           "('queued', 'running') LIMIT 1", [model_id]))
+    if active:
+        return active[0]["id"]
+    return q.enqueue(db, "prepare", model_id, {"model_id": model_id})
+
+
+# ---- methods and recipes ------------------------------------------------------------------
+
+def list_methods() -> list[dict]:
+    return [method.schema() for method in REGISTRY.values()]
+
+
+def list_tasks() -> dict:
+    return TASKS
+
+
+def check_recipe(db, model_id: str, recipe) -> dict:
+    """Validate a recipe (dict or JSON/YAML text or a file path) for a model; returns it completed."""
+    model = get_model(db, model_id)
+    if isinstance(recipe, str):
+        recipe = load_recipe_text(recipe)
+    return validate_recipe(recipe, model, model["tasks"])
+
+
+def submit_compress(db, model_id: str, recipe) -> dict:
+    clean = check_recipe(db, model_id, recipe)
+    run_id = q.new_id()
+    job_id = q.enqueue(db, "compress", model_id, {"recipe": clean, "run_id": run_id})
+    return {"job_id": job_id, "run_id": run_id, "status": "queued", "share_path": f"/result?id={run_id}",
+            "recipe": clean}
+
+
+# ---- jobs ---------------------------------------------------------------------------------
+
+def list_jobs(db, status: str | None = None, limit: int = 100, offset: int = 0, model_id: str | None = None):
+    if status and status not in (*q.ACTIVE, *q.FINISHED):
+        raise UserError(f"Unknown status {status!r}; use one of {', '.join((*q.ACTIVE, *q.FINISHED))}.")
+    return q.list_jobs(db, status=status, limit=limit, offset=offset, model_id=model_id)
+
+
+def get_job(db, job_id: str) -> dict:
+    job = q.get_job(db, job_id)
+    if job is None:
+        raise UserError(f"Unknown job {job_id!r}.", field="job")
+    return job
+
+
+def cancel_job(db, job_id: str) -> dict:
+    get_job(db, job_id)
+    q.request_cancel(db, job_id)
+    return get_job(db, job_id)
+
+
+def worker_alive(db) -> bool:
+    return bool(q.live_workers(db))
+
+
+def wait_for_job(db, job_id: str, timeout_s: float = 600.0) -> dict:
+    """Run a job to its end: let a running worker do it, or work inline when none is running."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = get_job(db, job_id)
+        if job["status"] in q.FINISHED:
+            return job
+        if job["status"] == "queued" and not worker_alive(db):
+            from services.worker import Worker  # the worker starts jobs in child processes; no torch here
+
+            worker = Worker(db=db)
+            claimed = q.claim(db, worker.id, job_id=job_id)
+            if claimed:
+                q.register_worker(db, worker.id, 0, "inline")
+                try:
+                    worker.run_claimed(claimed)
+                finally:
+                    q.unregister_worker(db, worker.id)
+                continue
+        time.sleep(0.3)
+    raise UserError(f"Job {job_id} did not finish within {timeout_s:.0f} s; it is still {job['status']}.")
+
+
+# ---- runs ---------------------------------------------------------------------------------
+
+def _run_record(row: dict) -> dict:
+    return {
+        "id": row["id"],
+        "status": "succeeded",
+        "job_id": row["job_id"],
+        "model_id": row["model_id"],
+        "recipe": json.loads(row["recipe"]),
+        "metrics": json.loads(row["metrics"]),
+        "baseline": json.loads(row["baseline"]),
+        "runner": json.loads(row["runner"]),
+        "artifact": row["artifact"],
+        "created_at": row["created_at"],
+        "share_path": f"/result?id={row['id']}",
+    }
+
+
+def list_runs(db, model_id: str | None = None, limit: int = 100, offset: int = 0) -> list[dict]:
+    if model_id:
+        get_model(db, model_id)
+        rows = db.query("SELECT * FROM runs WHERE model_id = ? ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
+                        [model_id, limit, offset])
+    else:
+        rows = db.query("SELECT * FROM runs ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?", [limit, offset])
+    return [_run_record(r) for r in rows]
+
+
+def get_run(db, run_id: str) -> dict:
+    """A run's record; for a run still being made, its job's status and no metrics yet."""
+    rows = list(db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
+    if rows:
+        return _run_record(rows[0])
+    jobs = list(db.query("SELECT * FROM jobs WHERE run_id = ?", [run_id]))
+    if not jobs:
+        raise UserError(f"Unknown run {run_id!r}.", field="run")
+    job = q.get_job(db, jobs[0]["id"])
+    return {"id": run_id, "status": job["status"], "job_id": job["id"], "model_id": job["model_id"],
+            "recipe": job["payload"]["recipe"], "metrics": None, "baseline": None, "runner": job.get("runner"),
+            "artifact": None, "error": job.get("error"), "share_path": f"/result?id={run_id}"}
+
+
+def artifact_bytes(db, run: dict) -> bytes:
+    from storage import ArtifactStore
+
+    return ArtifactStore(db.home).resolve(run["artifact"]).read_bytes()
+
+
+def ratios(metrics: dict, baseline: dict) -> dict:
+    """How the run compares with the baseline: >1 means smaller / faster, as a user reads it."""
+    def safe(a, b):
+        return (a / b) if a and b else None
+
+    return {
+        "size_x_smaller": safe(baseline["size_bytes"], metrics["size_bytes"]),
+        "zipped_x_smaller": safe(baseline["zipped_bytes"], metrics["zipped_bytes"]),
+        "params_x_fewer": safe(baseline["params"], metrics["params"]),
+        "nonzero_x_fewer": safe(baseline["nonzero_params"], metrics["nonzero_params"]),
+        "latency_x_faster": safe(baseline["latency_ms"]["p50"], metrics["latency_ms"]["p50"]),
+        "throughput_x": safe(metrics["throughput_per_s"], baseline["throughput_per_s"]),
+        "score_delta": metrics["score"] - baseline["score"],
+    }
+
+
+def summary_sentence(metrics: dict, baseline: dict) -> str:
+    """One plain sentence: '4.1x smaller (zipped 6.0x), 1.9x faster, accuracy -0.4 points'."""
+    r = ratios(metrics, baseline)
+    size = f"{r['size_x_smaller']:.1f}x smaller"
+    if abs(r["zipped_x_smaller"] - r["size_x_smaller"]) > 0.2:
+        size += f" ({r['zipped_x_smaller']:.1f}x zipped)"
+    speed = r["latency_x_faster"]
+    speed_text = f"{speed:.1f}x faster" if speed >= 1.05 else ("about as fast" if speed > 0.95 else
+                                                             f"{1 / speed:.1f}x slower")
+    points = 100 * r["score_delta"]
+    return f"{size}, {speed_text} at batch 1, {metrics['score_name']} {points:+.1f} points"

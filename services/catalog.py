@@ -1,0 +1,39 @@
+"""Built-in models and tasks, declared without importing torch (the engine's zoo trains them)."""
+from __future__ import annotations
+
+BUILTIN_MODELS = {
+    "digits-cnn": {
+        "name": "Digits CNN",
+        "format": "torch",
+        "task": "digits",
+        "description": "A small convolutional network that reads 8x8 handwritten digits "
+                       "(scikit-learn's digits), trained here on first use with a fixed seed.",
+    },
+    "digits-cnn-x2": {
+        "name": "Digits CNN x2",
+        "format": "torch",
+        "task": "digits",
+        "description": "The digits CNN with twice the channels: compare a larger model compressed hard "
+                       "with a small one compressed lightly.",
+    },
+    "digits-cnn-x4": {
+        "name": "Digits CNN x4",
+        "format": "torch",
+        "task": "digits",
+        "description": "The digits CNN with four times the channels.",
+    },
+}
+
+TASKS = {
+    "digits": {
+        "score_name": "accuracy",
+        "description": "Classify 540 held-out 8x8 digit images (fixed split); score = share classified right.",
+    },
+    "fidelity": {
+        "score_name": "fidelity",
+        "description": "Agreement of the compressed model's top-1 answer with the original's; needs no labels.",
+    },
+}
+
+# Which tasks each built-in model can be scored on.
+MODEL_TASKS = {model_id: [spec["task"], "fidelity"] for model_id, spec in BUILTIN_MODELS.items()}

@@ -1,0 +1,60 @@
+"""The method registry: every compression method is one unit with a declared parameter schema.
+
+This module and the method declarations import no torch, so the web process can build its
+forms from the registry and the CLI can validate recipes without loading a model. Each method's
+`apply` imports its heavy libraries when it runs, inside the job's child process.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str  # 'float' | 'int' | 'bool' | 'choice' | 'multichoice' | 'names'
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    choices: tuple = ()
+
+    def schema(self) -> dict:
+        out = {"name": self.name, "type": self.kind, "default": self.default, "help": self.help}
+        if self.minimum is not None:
+            out["minimum"] = self.minimum
+        if self.maximum is not None:
+            out["maximum"] = self.maximum
+        if self.step is not None:
+            out["step"] = self.step
+        if self.choices:
+            out["choices"] = list(self.choices)
+        return out
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    title: str
+    explanation: str  # one sentence a non-expert understands: what it does, when it helps, what it costs
+    stage: str  # 'torch' (changes the PyTorch module) or 'onnx' (rewrites the exported graph)
+    applies_to: tuple  # model formats: 'torch', 'onnx'
+    params: tuple = ()
+    effect_note: str = ""  # shown beside results: what to expect from this method's numbers
+    apply: Callable | None = field(default=None, compare=False, repr=False)
+
+    def schema(self) -> dict:
+        return {
+            "name": self.name,
+            "title": self.title,
+            "explanation": self.explanation,
+            "stage": self.stage,
+            "applies_to": list(self.applies_to),
+            "effect_note": self.effect_note,
+            "params": [p.schema() for p in self.params],
+        }
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)

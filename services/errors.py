@@ -1,0 +1,9 @@
+"""Errors that are the user's to fix: shown as one sentence, never as a traceback."""
+
+
+class UserError(Exception):
+    """Bad input: unknown model or method, a parameter out of range, malformed JSON, ..."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field  # which form field or recipe key is wrong, for the UI to show it there

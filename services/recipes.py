@@ -1,0 +1,150 @@
+"""Recipes: parse, validate against the method registry, and refuse what cannot work.
+
+Validation happens at submit time, so a recipe that cannot run is refused with its reason
+instead of being discovered as a crash in the worker.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services.engine.methods import REGISTRY
+from services.engine.registry import Param
+from services.errors import UserError
+
+RECOVERY_OBJECTIVES = ("none", "supervised", "distill", "contrastive", "masked", "momentum-contrast")
+# Objectives whose training is built; the others are accepted by the contract but refused for now.
+SUPPORTED_OBJECTIVES = ("none",)
+
+
+def load_recipe_text(text_or_path: str) -> dict:
+    """A recipe from inline JSON/YAML or from a file path."""
+    text = text_or_path
+    candidate = Path(text_or_path)
+    if not text_or_path.lstrip().startswith(("{", "[")) and len(text_or_path) < 4096:
+        try:
+            is_file = candidate.is_file()
+        except OSError:
+            is_file = False
+        if is_file:
+            text = candidate.read_text()
+        elif "\n" not in text_or_path and text_or_path.endswith((".json", ".yaml", ".yml")):
+            raise UserError(f"Recipe file not found: {text_or_path}", field="recipe")
+    try:
+        recipe = json.loads(text)
+    except json.JSONDecodeError as json_error:
+        try:
+            recipe = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UserError(
+                f"The recipe is not valid JSON: {json_error.msg} at line {json_error.lineno}, "
+                f"column {json_error.colno}.", field="recipe") from None
+        if not isinstance(recipe, dict):
+            raise UserError(
+                f"The recipe is not valid JSON: {json_error.msg} at line {json_error.lineno}, "
+                f"column {json_error.colno}.", field="recipe") from None
+    if not isinstance(recipe, dict):
+        raise UserError("A recipe must be an object with 'steps' (a list of methods).", field="recipe")
+    return recipe
+
+
+def _check_param(method_name: str, index: int, param: Param, value: Any) -> Any:
+    where = f"Step {index + 1} ({method_name}): '{param.name}'"
+    field = f"steps.{index}.{param.name}"
+    if param.kind in ("float", "int"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where} must be a number, not {value!r}.", field=field)
+        if param.kind == "int":
+            if float(value) != int(value):
+                raise UserError(f"{where} must be a whole number, not {value!r}.", field=field)
+            value = int(value)
+        else:
+            value = float(value)
+        if param.minimum is not None and value < param.minimum or param.maximum is not None and value > param.maximum:
+            raise UserError(f"{where} must be between {param.minimum:g} and {param.maximum:g}; got {value:g}.",
+                            field=field)
+        return value
+    if param.kind == "bool":
+        if not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false, not {value!r}.", field=field)
+        return value
+    if param.kind == "choice":
+        if value not in param.choices:
+            raise UserError(f"{where} must be one of {', '.join(map(str, param.choices))}; got {value!r}.",
+                            field=field)
+        return value
+    if param.kind in ("multichoice", "names"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{where} must be a list of names.", field=field)
+        if param.kind == "multichoice":
+            unknown = [v for v in value if v not in param.choices]
+            if unknown:
+                raise UserError(f"{where}: unknown choice {unknown[0]!r}; choose from "
+                                f"{', '.join(param.choices)}.", field=field)
+            if not value:
+                raise UserError(f"{where} needs at least one choice.", field=field)
+        return value
+    raise AssertionError(f"unknown parameter kind {param.kind}")
+
+
+def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
+    """Check a recipe against the registry and the model; return it with defaults filled in."""
+    unknown_keys = set(recipe) - {"task", "steps", "recovery", "name"}
+    if unknown_keys:
+        raise UserError(f"Unknown recipe key {sorted(unknown_keys)[0]!r}; a recipe has 'task', 'steps' "
+                        f"and 'recovery'.", field="recipe")
+    task = recipe.get("task") or model["task"]
+    if task not in tasks:
+        raise UserError(f"Model {model['id']} cannot be scored on task {task!r}; choose one of "
+                        f"{', '.join(tasks)}.", field="task")
+    steps = recipe.get("steps", [])
+    if not isinstance(steps, list) or not steps:
+        raise UserError("The recipe has no steps: add at least one compression method.", field="steps")
+    clean_steps = []
+    first_onnx_step = None
+    for index, step in enumerate(steps):
+        if not isinstance(step, dict) or "method" not in step:
+            raise UserError(f"Step {index + 1} must be an object with a 'method'.", field=f"steps.{index}")
+        name = step["method"]
+        method = REGISTRY.get(name)
+        if method is None:
+            raise UserError(f"Unknown method {name!r} in step {index + 1}; known methods: "
+                            f"{', '.join(sorted(REGISTRY))}.", field=f"steps.{index}.method")
+        if model["format"] not in method.applies_to:
+            raise UserError(f"{name} does not apply to {model['id']}: it needs a PyTorch model, and this model "
+                            f"is an ONNX graph.", field=f"steps.{index}.method")
+        if method.stage == "onnx" and first_onnx_step is None:
+            first_onnx_step = (index, name)
+        if method.stage == "torch" and first_onnx_step is not None:
+            raise UserError(f"Step {index + 1} ({name}) changes the PyTorch model, but step {first_onnx_step[0] + 1} "
+                            f"({first_onnx_step[1]}) has already turned it into an ONNX graph; put {name} "
+                            f"before {first_onnx_step[1]}.", field=f"steps.{index}.method")
+        params = step.get("params") or {}
+        if not isinstance(params, dict):
+            raise UserError(f"Step {index + 1} ({name}): 'params' must be an object.", field=f"steps.{index}")
+        for key in params:
+            if method.param(key) is None:
+                known = ", ".join(p.name for p in method.params)
+                raise UserError(f"Step {index + 1} ({name}) has no parameter {key!r}; its parameters are {known}.",
+                                field=f"steps.{index}.{key}")
+        clean = {p.name: _check_param(name, index, p, params.get(p.name, p.default)) for p in method.params}
+        clean_steps.append({"method": name, "params": clean})
+    recovery = recipe.get("recovery") or {"objective": "none"}
+    if not isinstance(recovery, dict):
+        raise UserError("'recovery' must be an object such as {\"objective\": \"none\"}.", field="recovery")
+    objective = recovery.get("objective", "none")
+    if objective not in RECOVERY_OBJECTIVES:
+        raise UserError(f"Unknown recovery objective {objective!r}; choose one of "
+                        f"{', '.join(RECOVERY_OBJECTIVES)}.", field="recovery.objective")
+    if objective not in SUPPORTED_OBJECTIVES:
+        raise UserError(f"Recovery objective {objective!r} is not available yet; use 'none'.",
+                        field="recovery.objective")
+    out = {"task": task, "steps": clean_steps, "recovery": {"objective": objective}}
+    if recipe.get("name"):
+        out["name"] = str(recipe["name"])[:100]
+    return out

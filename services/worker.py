@@ -1,0 +1,130 @@
+"""The background service: claim a job, run it in a child process, heartbeat, store the result.
+
+Crash safety comes from the queue (storage/queue.py): a job's lease is renewed here while its
+child runs; if this process dies, the lease runs out and any worker's reaper requeues the job
+(or fails it after its last attempt). The child dies with us (PR_SET_PDEATHSIG), so a dead
+worker leaves no orphan computing a result nobody will store.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import secrets
+import signal
+import time
+
+from storage import open_db
+from storage import queue as q
+from services.executors import make_executor
+
+log = logging.getLogger("explorer.worker")
+
+LEASE_S = float(os.environ.get("EXPLORER_LEASE_SECONDS", q.DEFAULT_LEASE_S))
+HEARTBEAT_S = max(0.2, LEASE_S / 5)
+POLL_S = float(os.environ.get("EXPLORER_POLL_SECONDS", "0.5"))
+
+
+class Worker:
+    def __init__(self, db=None, executor=None, worker_id: str | None = None):
+        self.db = db or open_db()
+        self.executor = executor or make_executor(self.db.home)
+        self.id = worker_id or f"{platform.node()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.stopping = False
+
+    def serve(self, once: bool = False) -> int:
+        """Work until stopped (or, with once=True, until the queue is empty). Returns jobs handled."""
+        q.register_worker(self.db, self.id, os.getpid(), platform.node())
+        handled = 0
+        try:
+            while not self.stopping:
+                q.reap_expired(self.db)
+                job = q.claim(self.db, self.id, LEASE_S)
+                if job is None:
+                    if once:
+                        break
+                    q.touch_worker(self.db, self.id)
+                    time.sleep(POLL_S)
+                    continue
+                self.run_claimed(job)
+                handled += 1
+        finally:
+            q.unregister_worker(self.db, self.id)
+        return handled
+
+    def run_claimed(self, job: dict) -> str:
+        """Run one job this worker holds; returns its final status."""
+        log.info("job %s (%s) attempt %s", job["id"], job["kind"], job["attempts"])
+        handle = self.executor.start(job)
+        next_beat = 0.0
+        while not handle.finished():
+            self._forward_progress(job, handle)
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + HEARTBEAT_S
+                if not q.heartbeat(self.db, job["id"], self.id, LEASE_S):
+                    handle.cancel()  # the job was taken from us (lease lost): stop the duplicate work
+                    return "lost"
+                q.touch_worker(self.db, self.id)
+            if q.cancel_requested(self.db, job["id"]):
+                handle.cancel()
+                q.mark_cancelled(self.db, job["id"], self.id)
+                return "cancelled"
+            if self.stopping:
+                handle.cancel()
+                q.release(self.db, job["id"], self.id)
+                return "queued"
+            time.sleep(0.1)
+        self._forward_progress(job, handle)
+        outcome = handle.outcome()
+        if outcome.reason is not None:
+            q.fail(self.db, job["id"], self.id, outcome.reason)
+            return "failed"
+        self._store_result(job, outcome.result)
+        return "succeeded"
+
+    def _forward_progress(self, job: dict, handle) -> None:
+        events = handle.poll_events()
+        if events:
+            last = events[-1]
+            q.report_progress(self.db, job["id"], self.id, last["progress"], last["message"])
+
+    def _store_result(self, job: dict, result: dict) -> None:
+        run = None
+        if "run" in result:
+            payload = job["payload"]
+            produced = result["run"]
+            run = {
+                "id": payload["run_id"],
+                "job_id": job["id"],
+                "model_id": job["model_id"],
+                "recipe": _json(payload["recipe"]),
+                "metrics": _json(produced["metrics"]),
+                "baseline": _json(produced["baseline"]),
+                "runner": _json(produced["runner"]),
+                "artifact": produced["artifact"],
+                "created_at": q.utcnow(),
+            }
+        model_update = result.get("model_update")
+        if model_update and "card" in model_update:
+            model_update = {**model_update, "card": _json(model_update["card"])}
+        runner = result.get("run", {}).get("runner") or {"executor": self.executor.name, "node": platform.node()}
+        q.succeed(self.db, job["id"], self.id, run=run, runner=runner, model_update=model_update)
+
+
+def _json(value) -> str:
+    import json
+    return json.dumps(value)
+
+
+def main(once: bool = False) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s")
+    worker = Worker()
+
+    def stop(signum, frame):
+        worker.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("worker %s serving %s (executor: %s)", worker.id, worker.db.home, worker.executor.name)
+    worker.serve(once=once)
+    return 0

@@ -1,0 +1,103 @@
+"""Versioned schema migrations, tracked in SQLite's `PRAGMA user_version`.
+
+Each migration is a function numbered by its position; a database at version N gets
+migrations N+1.. applied in one `BEGIN IMMEDIATE` transaction each, so two processes that
+open a fresh database at once cannot both apply the same step. Never edit a released
+migration: add a new one.
+"""
+from __future__ import annotations
+
+import sqlite_utils
+
+
+def _m1_initial(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE models (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            source TEXT NOT NULL,          -- 'builtin' or 'upload'
+            format TEXT NOT NULL,          -- 'torch' (has a PyTorch module) or 'onnx'
+            task TEXT NOT NULL,
+            description TEXT NOT NULL DEFAULT '',
+            status TEXT NOT NULL DEFAULT 'new',   -- new | ready | failed
+            card TEXT,                     -- JSON: params, size, baseline metrics
+            artifact TEXT,                 -- ONNX file of the original model, relative to home
+            error TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )"""
+    )
+    db.execute(
+        """
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,            -- prepare | compress
+            model_id TEXT NOT NULL REFERENCES models(id),
+            payload TEXT NOT NULL,         -- JSON: the recipe and the run id it will write
+            status TEXT NOT NULL,          -- queued | running | succeeded | failed | cancelled
+            attempts INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER NOT NULL DEFAULT 3,
+            worker_id TEXT,
+            lease_until REAL,              -- unix time; a running job past it has lost its worker
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            progress REAL NOT NULL DEFAULT 0,
+            message TEXT NOT NULL DEFAULT '',
+            error TEXT,
+            run_id TEXT,
+            runner TEXT,                   -- JSON: where it ran
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT
+        )"""
+    )
+    db.execute("CREATE INDEX jobs_status_created ON jobs(status, created_at)")
+    db.execute(
+        """
+        CREATE TABLE runs (
+            id TEXT PRIMARY KEY,           -- >= 128-bit share id from `secrets`
+            job_id TEXT NOT NULL UNIQUE REFERENCES jobs(id),  -- a retried job never leaves two runs
+            model_id TEXT NOT NULL REFERENCES models(id),
+            recipe TEXT NOT NULL,
+            metrics TEXT NOT NULL,
+            baseline TEXT NOT NULL,
+            runner TEXT NOT NULL,
+            artifact TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX runs_model_created ON runs(model_id, created_at)")
+    db.execute(
+        """
+        CREATE TABLE workers (
+            id TEXT PRIMARY KEY,
+            pid INTEGER NOT NULL,
+            host TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            last_seen REAL NOT NULL        -- unix time of the last heartbeat
+        )"""
+    )
+
+
+MIGRATIONS = [_m1_initial]
+
+
+def schema_version(db: sqlite_utils.Database) -> int:
+    return db.execute("PRAGMA user_version").fetchone()[0]
+
+
+def apply_migrations(db: sqlite_utils.Database) -> int:
+    """Bring the schema up to the latest version; returns the version reached."""
+    while True:
+        if schema_version(db) >= len(MIGRATIONS):
+            return schema_version(db)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = schema_version(db)  # re-read inside the lock: another process may have won
+            if version < len(MIGRATIONS):
+                MIGRATIONS[version](db)
+                db.execute(f"PRAGMA user_version = {version + 1}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
