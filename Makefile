@@ -21,6 +21,7 @@ test: install
 
 bench: install
 	$(PY) bench/end_to_end.py
+	$(PY) bench/methods.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -208,11 +208,15 @@ def ratios(metrics: dict, baseline: dict) -> dict:
 def summary_sentence(metrics: dict, baseline: dict) -> str:
     """One plain sentence: '4.1x smaller (zipped 6.0x), 1.9x faster, accuracy -0.4 points'."""
     r = ratios(metrics, baseline)
-    size = f"{r['size_x_smaller']:.1f}x smaller"
+    size = _times(r["size_x_smaller"], "smaller", "larger", "the same size")
     if abs(r["zipped_x_smaller"] - r["size_x_smaller"]) > 0.2:
-        size += f" ({r['zipped_x_smaller']:.1f}x zipped)"
-    speed = r["latency_x_faster"]
-    speed_text = f"{speed:.1f}x faster" if speed >= 1.05 else ("about as fast" if speed > 0.95 else
-                                                             f"{1 / speed:.1f}x slower")
+        size += f" ({r['zipped_x_smaller']:.1f}x smaller zipped)"
+    speed_text = _times(r["latency_x_faster"], "faster", "slower", "about as fast")
     points = 100 * r["score_delta"]
     return f"{size}, {speed_text} at batch 1, {metrics['score_name']} {points:+.1f} points"
+
+
+def _times(ratio: float, better: str, worse: str, same: str) -> str:
+    if abs(ratio - 1) < 0.05:
+        return same
+    return f"{ratio:.1f}x {better}" if ratio > 1 else f"{1 / ratio:.1f}x {worse}"

@@ -36,9 +36,12 @@ class Worker:
         """Work until stopped (or, with once=True, until the queue is empty). Returns jobs handled."""
         q.register_worker(self.db, self.id, os.getpid(), platform.node())
         handled = 0
+        next_reap = 0.0
         try:
             while not self.stopping:
-                q.reap_expired(self.db)
+                if time.monotonic() >= next_reap:  # a write lock: no need to take it on every poll
+                    q.reap_expired(self.db)
+                    next_reap = time.monotonic() + min(LEASE_S / 2, 5.0)
                 job = q.claim(self.db, self.id, LEASE_S)
                 if job is None:
                     if once:
@@ -77,7 +80,9 @@ class Worker:
         self._forward_progress(job, handle)
         outcome = handle.outcome()
         if outcome.reason is not None:
-            q.fail(self.db, job["id"], self.id, outcome.reason)
+            if q.fail(self.db, job["id"], self.id, outcome.reason) and job["kind"] == "prepare":
+                self.db.execute("UPDATE models SET status = 'failed', error = ?, updated_at = ? WHERE id = ?",
+                                [outcome.reason, q.utcnow(), job["model_id"]])
             return "failed"
         self._store_result(job, outcome.result)
         return "succeeded"

@@ -28,6 +28,11 @@ def _emitter():
 def main(job_id: str) -> int:
     emit = _emitter()
     try:
+        import torch
+
+        # Small models train fastest on one thread, and a job must not oversubscribe the cores
+        # that the web process, other workers and the timing runs share.
+        torch.set_num_threads(int(os.environ.get("EXPLORER_TORCH_THREADS", "1")))
         from storage import ArtifactStore, open_db
         from storage.queue import get_job
         from services.engine import pipeline

@@ -1,0 +1,70 @@
+"""Jobs: the queue, live. Progress bars and messages refresh while anything is queued or running."""
+import streamlit as st
+
+from services import api
+from ui.format import recipe_summary, status_label
+from ui.session import get_db, worker_banner
+
+st.title("Jobs")
+db = get_db()
+worker_banner(db)
+
+status_filter = st.segmented_control(
+    "Show", ["all", "queued", "running", "succeeded", "failed", "cancelled"], default="all", key="status-filter")
+page_size = 25
+if st.session_state.get("jobs-page-filter") != status_filter:  # a new filter starts at the newest page
+    st.session_state["jobs-page-filter"] = status_filter
+    st.session_state["jobs-page"] = 0
+page_number = st.session_state.get("jobs-page", 0)
+
+
+def job_title(job: dict) -> str:
+    if job["kind"] == "compress":
+        return f"Compress **{job['model_id']}**: {recipe_summary(job['payload']['recipe'])}"
+    return f"Prepare **{job['model_id']}** (train and measure the original model)"
+
+
+@st.fragment(run_every=1.0)
+def job_list() -> None:
+    db = get_db()
+    status = None if status_filter in (None, "all") else status_filter
+    jobs = api.list_jobs(db, status=status, limit=page_size, offset=page_number * page_size)
+    if not jobs:
+        st.info("No jobs yet. Submit one on the Compress page." if status is None else f"No {status} jobs.")
+        return
+    for job in jobs:
+        with st.container(border=True):
+            top, side = st.columns([5, 1])
+            top.markdown(f"{status_label(job['status'])} · {job_title(job)}")
+            top.caption(f"job `{job['id'][:12]}` · created {job['created_at'][:19].replace('T', ' ')} UTC · "
+                        f"attempt {job['attempts']} of {job['max_attempts']}"
+                        + (f" · ran on {job['runner']['executor']} ({job['runner']['node']})" if job.get("runner") else ""))
+            if job["status"] == "running":
+                top.progress(job["progress"], text=job["message"] or "running")
+            elif job["status"] == "queued":
+                top.caption(job["message"] or "waiting for a worker")
+            elif job["status"] == "failed":
+                top.error(job["error"] or "failed")
+            elif job["status"] == "cancelled":
+                top.caption(job["message"])
+            if job["status"] in ("queued", "running"):
+                if side.button("Cancel", key=f"cancel-{job['id']}", disabled=job["cancel_requested"]):
+                    api.cancel_job(db, job["id"])
+                    st.rerun()
+            if job["kind"] == "compress" and job["status"] == "succeeded":
+                run = api.get_run(db, job["run_id"])
+                if run["metrics"]:
+                    top.markdown(f"→ {api.summary_sentence(run['metrics'], run['baseline'])}")
+                side.page_link("app_pages/result.py", label="Result", icon=":material/link:", query_params={"id": job["run_id"]})
+
+
+job_list()
+shown_status = None if status_filter in (None, "all") else status_filter
+has_older = bool(api.list_jobs(db, status=shown_status, limit=1, offset=(page_number + 1) * page_size))
+prev, _, nxt = st.columns([1, 4, 1])
+if prev.button("← Newer", disabled=page_number == 0):
+    st.session_state["jobs-page"] = page_number - 1
+    st.rerun()
+if nxt.button("Older →", disabled=not has_older):
+    st.session_state["jobs-page"] = page_number + 1
+    st.rerun()

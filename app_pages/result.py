@@ -1,0 +1,114 @@
+"""Result: one run, read-only, reachable by its share link /result?id=…"""
+import json
+
+import streamlit as st
+
+from services import api
+from services.errors import UserError
+from ui.charts import comparison_bars, tradeoff_chart
+from ui.format import human_bytes, human_count, ms, per_second, ratio_delta, recipe_summary, status_label
+from ui.session import get_db
+from ui.tables import runs_frame
+
+db = get_db()
+run_id = st.query_params.get("id", "")
+if not run_id:
+    st.title("Result")
+    st.info("This page shows one run. Open it from a share link (/result?id=…), the Jobs page or Compare.")
+    st.stop()
+try:
+    run = api.get_run(db, run_id)
+except UserError:
+    st.title("Result")
+    st.error("No run has this link. Check that the whole link was copied.")
+    st.stop()
+
+model = api.get_model(db, run["model_id"])
+st.title(f"{model['name']}: {recipe_summary(run['recipe'])}")
+
+if run["status"] != "succeeded":
+    st.markdown(f"This run is **{status_label(run['status'])}**.")
+    if run["status"] == "failed":
+        st.error(run.get("error") or "The job failed.")
+
+    @st.fragment(run_every=1.0)
+    def wait_for_it() -> None:
+        current = api.get_run(get_db(), run_id)
+        if current["status"] != run["status"]:
+            st.rerun()
+        if current["status"] in ("queued", "running"):
+            job = api.get_job(get_db(), current["job_id"])
+            st.progress(job["progress"], text=job["message"] or current["status"])
+
+    wait_for_it()
+    st.stop()
+
+metrics, baseline = run["metrics"], run["baseline"]
+st.subheader(api.summary_sentence(metrics, baseline))
+st.caption(f"Model `{model['id']}` · task `{run['recipe']['task']}` · created {run['created_at'][:19].replace('T', ' ')} UTC"
+           f" · ran on {run['runner']['executor']} ({run['runner']['node']})")
+
+ratios = api.ratios(metrics, baseline)
+cols = st.columns(6)
+cols[0].metric("Size", human_bytes(metrics["size_bytes"]), ratio_delta(ratios["size_x_smaller"], "smaller", "larger"),
+               help=f"Original: {human_bytes(baseline['size_bytes'])}")
+cols[1].metric("Zipped size", human_bytes(metrics["zipped_bytes"]),
+               ratio_delta(ratios["zipped_x_smaller"], "smaller", "larger"), help=f"Original: {human_bytes(baseline['zipped_bytes'])}")
+cols[2].metric("Nonzero params", human_count(metrics["nonzero_params"]),
+               ratio_delta(ratios["nonzero_x_fewer"], "fewer", "more"),
+               help=f"of {metrics['params']:,} parameters; the original has {baseline['nonzero_params']:,} nonzero")
+cols[3].metric("Latency, batch 1", ms(metrics["latency_ms"]["p50"]),
+               ratio_delta(ratios["latency_x_faster"], "faster", "slower"), help=f"p50 over repeats. Original: {ms(baseline['latency_ms']['p50'])}; p95 {ms(metrics['latency_ms']['p95'])}")
+cols[4].metric("Throughput, batch 256", per_second(metrics["throughput_per_s"]),
+               ratio_delta(ratios["throughput_x"], "higher", "lower"),
+               help=f"Inputs per second at batch 256. Original: {per_second(baseline['throughput_per_s'])}")
+cols[5].metric(metrics["score_name"].capitalize(), f"{100 * metrics['score']:.2f}%",
+               f"{100 * ratios['score_delta']:+.2f} points" if abs(ratios["score_delta"]) >= 5e-5 else None, help=f"Original: {100 * baseline['score']:.2f}%; "
+               f"agreement with the original: {100 * metrics['fidelity']:.1f}%")
+
+notes = {m["name"]: m["effect_note"] for m in api.list_methods() if m["effect_note"]}
+for step in run["recipe"]["steps"]:
+    if step["method"] in notes:
+        st.caption(f"**{step['method']}**: {notes[step['method']]}")
+
+left, right = st.columns(2)
+with left:
+    st.markdown("**Compared with the original** (measured in the same job)")
+    st.altair_chart(comparison_bars(metrics, baseline), width="stretch")
+with right:
+    st.markdown("**Among all runs of this model**")
+    others = api.list_runs(db, run["model_id"], limit=500)
+    frame = runs_frame(others, baseline)
+    st.altair_chart(tradeoff_chart(frame, "size_kb", highlight_link=run["share_path"]), width="stretch")
+
+st.markdown("**Numbers**")
+st.table({
+    "": ["original", "compressed"],
+    "size": [human_bytes(baseline["size_bytes"]), human_bytes(metrics["size_bytes"])],
+    "zipped": [human_bytes(baseline["zipped_bytes"]), human_bytes(metrics["zipped_bytes"])],
+    "params (nonzero)": [f"{baseline['params']:,} ({baseline['nonzero_params']:,})",
+                         f"{metrics['params']:,} ({metrics['nonzero_params']:,})"],
+    "latency p50 / p95, batch 1": [f"{ms(baseline['latency_ms']['p50'])} / {ms(baseline['latency_ms']['p95'])}",
+                                   f"{ms(metrics['latency_ms']['p50'])} / {ms(metrics['latency_ms']['p95'])}"],
+    "latency p50, batch 256": [ms(baseline["batch_latency_ms"]["p50"]), ms(metrics["batch_latency_ms"]["p50"])],
+    "throughput": [per_second(baseline["throughput_per_s"]), per_second(metrics["throughput_per_s"])],
+    metrics["score_name"]: [f"{100 * baseline['score']:.2f}%", f"{100 * metrics['score']:.2f}%"],
+})
+
+recipe_col, download_col = st.columns([3, 2])
+with recipe_col:
+    st.markdown("**Recipe** (copy it to run the same thing again)")
+    st.code(json.dumps(run["recipe"], indent=2), language="json")
+with download_col:
+    st.markdown("**Compressed model**")
+    try:
+        data = api.artifact_bytes(db, run)
+    except (OSError, ValueError):
+        st.error("The compressed model file is missing from the data folder.")
+    else:
+        st.download_button(f"Download ONNX ({human_bytes(len(data))})", data, file_name=f"{model['id']}-{run['id'][:8]}.onnx",
+                           mime="application/octet-stream", type="primary", on_click="ignore")
+
+st.markdown("**Share this result**: anyone with the link sees this page, read-only.")
+page_url = (st.context.url or "").split("?")[0]
+st.code(f"{page_url}?id={run['id']}" if page_url else run["share_path"], language=None, wrap_lines=True)

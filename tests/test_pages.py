@@ -1,0 +1,378 @@
+"""Every page, driven headless through Streamlit's AppTest against a real database.
+
+Each test gets its own EXPLORER_HOME. Pages that need a finished run (Compare, Result) start
+from a copy of a data folder where the real CLI compressed digits-cnn once per module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+if str(PROJECT_ROOT) not in sys.path:
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+from services import api  # noqa: E402
+from storage import open_db  # noqa: E402
+from storage import queue as q  # noqa: E402
+from ui.format import human_count  # noqa: E402
+
+APP = str(PROJECT_ROOT / "app.py")  # AppTest resolves relative paths against this file, not the cwd
+BENCH_ENV = {"EXPLORER_BENCH_REPEATS": "20", "EXPLORER_BENCH_BATCH_REPEATS": "5", "EXPLORER_BENCH_WARMUP": "5"}
+RECIPE = {"steps": [{"method": "prune.magnitude", "params": {"amount": 0.6}}, {"method": "quantize.dynamic"}]}
+
+
+# ---- fixtures (prefixed ui_ so they never clash with tests/conftest.py) ------------------------
+
+@pytest.fixture(scope="module")
+def ui_run_template(tmp_path_factory):
+    """A data folder holding one finished compress run of digits-cnn, made by the real CLI."""
+    home = tmp_path_factory.mktemp("ui-run") / "home"
+    env = {**os.environ, **BENCH_ENV, "EXPLORER_HOME": str(home)}
+    env.pop("EXPLORER_EXECUTOR", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "services", "compress", "--model", "digits-cnn", "--recipe", json.dumps(RECIPE),
+         "--wait", "--json"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, f"exit {done.returncode}; stderr:\n{done.stderr}"
+    run = json.loads(done.stdout)
+    assert run["status"] == "succeeded", run
+    return home, run
+
+
+@pytest.fixture
+def ui_home(tmp_path, monkeypatch) -> Path:
+    """An empty data folder for this test, set as EXPLORER_HOME."""
+    folder = tmp_path / "home"
+    folder.mkdir()
+    monkeypatch.setenv("EXPLORER_HOME", str(folder))
+    return folder
+
+
+@pytest.fixture
+def ui_run_home(ui_run_template, tmp_path, monkeypatch):
+    """This test's own copy of the folder with one finished run; returns (home, run record)."""
+    template, run = ui_run_template
+    folder = tmp_path / "home"
+    shutil.copytree(template, folder)
+    monkeypatch.setenv("EXPLORER_HOME", str(folder))
+    return folder, run
+
+
+@pytest.fixture
+def ui_db(ui_home):
+    database = api.connect(ui_home)
+    yield database
+    database.conn.close()
+
+
+def open_page(page: str, **query) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=30)
+    for key, value in query.items():
+        at.query_params[key] = value
+    at.switch_page(page)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(elements) -> list[str]:
+    return [e.value for e in elements]
+
+
+# ---- Models -------------------------------------------------------------------------------
+
+def test_models_page_shows_the_card_of_a_prepared_model(ui_run_home):
+    home, _ = ui_run_home
+    card = api.get_model(open_db(home), "digits-cnn")["card"]
+    at = open_page("app_pages/models.py")
+
+    assert "Digits CNN  ·  `digits-cnn`" in texts(at.subheader)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Parameters"] == human_count(card["params"])
+    assert metrics[f"Baseline {card['score_name']}"] == f"{100 * card['score']:.1f}%"
+    assert "Size" in metrics and any(label.startswith("Latency") for label in metrics)
+    # A ready model offers Compress/Compare links, not a Prepare button.
+    assert not [b for b in at.button if b.key == "prepare-digits-cnn"]
+    links = [link.proto.label for link in at.get("page_link")]
+    assert "Compress it" in links and "Compare runs" in links
+
+
+def test_models_page_prepare_button_queues_a_prepare_job(ui_db):
+    at = open_page("app_pages/models.py")
+    assert any(text.startswith("Not trained yet") for text in texts(at.info))
+    assert not at.metric  # no card before a model is prepared
+    assert any("No worker is running" in text for text in texts(at.warning))
+
+    at.button(key="prepare-digits-cnn-x2").click().run()
+    # (AppTest runs the click as a full-script run; see test_fragment_buttons_survive_a_full_rerun.)
+
+    prepares = [(j["model_id"], j["status"]) for j in api.list_jobs(ui_db) if j["kind"] == "prepare"]
+    assert ("digits-cnn-x2", "queued") in prepares
+    assert prepares.count(("digits-cnn-x2", "queued")) == 1
+    # The card now says it is preparing instead of offering the button again.
+    at.run()
+    assert not [b for b in at.button if b.key == "prepare-digits-cnn-x2"]
+    assert any(p.proto.text.startswith("Preparing") for p in at.get("progress"))
+    # A second visit does not queue the same preparation twice.
+    open_page("app_pages/models.py")
+    assert [j["model_id"] for j in api.list_jobs(ui_db) if j["kind"] == "prepare"].count("digits-cnn-x2") == 1
+
+
+# ---- Compress -----------------------------------------------------------------------------
+
+def test_compress_form_is_built_from_the_registry(ui_home):
+    at = open_page("app_pages/compress.py")
+    assert "No steps yet: add one below." in texts(at.caption)
+    submit = next(b for b in at.button if b.label == "Submit job")
+    assert submit.disabled  # nothing to submit without a step
+
+    at.selectbox(key="add-choice").set_value("prune.magnitude")
+    next(b for b in at.button if b.label == "Add step").click().run()
+    assert not at.exception
+
+    amount = next(s for s in at.slider if s.label == "amount")
+    prune = next(m for m in api.list_methods() if m["name"] == "prune.magnitude")
+    declared = next(p for p in prune["params"] if p["name"] == "amount")
+    assert (amount.min, amount.max, amount.value) == (declared["minimum"], declared["maximum"], declared["default"])
+    assert [r.label for r in at.radio] == ["scope"]
+
+    recipe = json.loads(at.code[0].value)
+    assert recipe["steps"] == [{"method": "prune.magnitude", "params": {"amount": 0.5, "scope": "global"}}]
+
+    amount.set_value(0.7).run()
+    assert json.loads(at.code[0].value)["steps"][0]["params"]["amount"] == pytest.approx(0.7)
+    assert not next(b for b in at.button if b.label == "Submit job").disabled
+
+
+def test_compress_submit_queues_a_job_with_the_recipe(ui_db):
+    at = open_page("app_pages/compress.py")
+    at.selectbox(key="add-choice").set_value("prune.magnitude")
+    next(b for b in at.button if b.label == "Add step").click().run()
+    next(s for s in at.slider if s.label == "amount").set_value(0.3).run()
+    next(b for b in at.button if b.label == "Submit job").click().run()
+    assert not at.exception
+
+    jobs = api.list_jobs(ui_db)
+    assert len(jobs) == 1
+    job = jobs[0]
+    assert (job["kind"], job["model_id"], job["status"]) == ("compress", "digits-cnn", "queued")
+    assert job["payload"]["recipe"]["steps"] == [
+        {"method": "prune.magnitude", "params": {"amount": pytest.approx(0.3), "scope": "global"}}]
+    assert job["payload"]["recipe"]["task"] == "digits"
+
+    assert any(job["id"][:12] in text and "queued" in text for text in texts(at.success))
+    links = {link.proto.label: link.proto for link in at.get("page_link")}
+    assert "Result page (share link)" in links
+    assert job["run_id"] in links["Result page (share link)"].query_string
+
+
+def _add_step(at: AppTest, method: str) -> None:
+    at.selectbox(key="add-choice").set_value(method)
+    next(b for b in at.button if b.label == "Add step").click().run()
+    assert not at.exception
+
+
+def test_compress_wrong_step_order_is_explained_and_blocks_submit(ui_db):
+    at = open_page("app_pages/compress.py")
+    _add_step(at, "quantize.dynamic")
+    _add_step(at, "prune.magnitude")
+    errors = texts(at.error)
+    assert len(errors) == 1 and errors[0].startswith("Step 2 (prune.magnitude) changes the PyTorch model")
+    assert next(b for b in at.button if b.label == "Submit job").disabled
+
+    # Removing the first step fixes the order; the remaining step keeps its own widgets.
+    remove = [b for b in at.button if b.label == "Remove"]
+    assert len(remove) == 2
+    remove[0].click().run()
+    assert not at.exception and not at.error
+    assert [s["method"] for s in json.loads(at.code[0].value)["steps"]] == ["prune.magnitude"]
+    assert [s.label for s in at.slider] == ["amount"]
+    assert not next(b for b in at.button if b.label == "Submit job").disabled
+    assert api.list_jobs(ui_db) == []
+
+
+@pytest.mark.parametrize("pasted, sentence", [
+    ('{"steps": [{"method": "prune.magnitude", "params": {"amount": 0.5}}',
+     "The recipe is not valid JSON"),
+    ('{"steps": [{"method": "prune.magnitude", "params": {"amount": 1.5}}]}',
+     "Step 1 (prune.magnitude): 'amount' must be between 0 and 0.99; got 1.5."),
+    ('{"steps": [{"method": "prune.nonsense"}]}',
+     "Unknown method 'prune.nonsense' in step 1"),
+], ids=["malformed", "out-of-range", "unknown-method"])
+def test_compress_pasted_bad_recipe_shows_the_error_and_writes_no_job(ui_db, pasted, sentence):
+    at = open_page("app_pages/compress.py")
+    at.text_area(key="pasted-recipe").input(pasted)
+    next(b for b in at.button if b.label == "Load recipe").click().run()
+    assert not at.exception
+
+    assert any(sentence in text for text in texts(at.error)), texts(at.error)
+    assert "No steps yet: add one below." in texts(at.caption)  # the form kept its (empty) steps
+    assert next(b for b in at.button if b.label == "Submit job").disabled
+    assert api.list_jobs(ui_db) == []
+
+
+def test_compress_pasted_good_recipe_fills_the_form(ui_db):
+    at = open_page("app_pages/compress.py")
+    at.text_area(key="pasted-recipe").input(json.dumps(RECIPE))
+    next(b for b in at.button if b.label == "Load recipe").click().run()
+    assert not at.exception
+    assert not at.error
+
+    assert next(s for s in at.slider if s.label == "amount").value == pytest.approx(0.6)
+    steps = json.loads(at.code[0].value)["steps"]
+    assert [s["method"] for s in steps] == ["prune.magnitude", "quantize.dynamic"]
+    assert api.list_jobs(ui_db) == []  # loading is not submitting
+
+
+# ---- Jobs ---------------------------------------------------------------------------------
+
+def test_jobs_page_lists_jobs_with_status_and_failure_reason(ui_db):
+    queued = api.submit_compress(ui_db, "digits-cnn", RECIPE)
+    failed_id = q.enqueue(ui_db, "compress", "digits-cnn",
+                          {"recipe": api.check_recipe(ui_db, "digits-cnn", {"steps": [{"method": "quantize.dynamic"}]}),
+                           "run_id": q.new_id()})
+    assert q.claim(ui_db, "test-worker", job_id=failed_id)
+    assert q.fail(ui_db, failed_id, "test-worker", "The ONNX export ran out of memory.")
+
+    at = open_page("app_pages/jobs.py")
+    lines = [text for text in texts(at.markdown) if "Compress **digits-cnn**" in text]
+    assert len(lines) == 2
+    assert "**failed**" in lines[0] and "quantize.dynamic" in lines[0]  # newest first
+    assert "**queued**" in lines[1] and "prune.magnitude (amount 0.6) → quantize.dynamic" in lines[1]
+    assert texts(at.error) == ["The ONNX export ran out of memory."]
+    captions = texts(at.caption)
+    assert any(queued["job_id"][:12] in c for c in captions)
+    assert any(failed_id[:12] in c and "attempt 1 of 3" in c for c in captions)
+    # Only the queued job can be cancelled.
+    assert [b.key for b in at.button if b.label == "Cancel"] == [f"cancel-{queued['job_id']}"]
+
+
+def test_jobs_page_cancels_a_queued_job(ui_db):
+    queued = api.submit_compress(ui_db, "digits-cnn", RECIPE)
+    at = open_page("app_pages/jobs.py")
+    at.button(key=f"cancel-{queued['job_id']}").click().run()
+    # (AppTest runs the click as a full-script run; see test_fragment_buttons_survive_a_full_rerun.)
+
+    assert api.get_job(ui_db, queued["job_id"])["status"] == "cancelled"
+    at.run()
+    assert any("**cancelled**" in text for text in texts(at.markdown))
+    assert not [b for b in at.button if b.label == "Cancel"]
+
+
+@pytest.mark.parametrize("page", ["models", "jobs"])
+def test_fragment_buttons_survive_a_full_rerun(ui_db, page):
+    if page == "models":
+        at = open_page("app_pages/models.py")
+        button = at.button(key="prepare-digits-cnn-x2")
+    else:
+        queued = api.submit_compress(ui_db, "digits-cnn", RECIPE)
+        at = open_page("app_pages/jobs.py")
+        button = at.button(key=f"cancel-{queued['job_id']}")
+    button.click().run()
+    assert not at.exception, [e.stack_trace for e in at.exception]
+
+
+def test_jobs_page_filters_by_status(ui_db):
+    api.submit_compress(ui_db, "digits-cnn", RECIPE)
+    cancelled = api.submit_compress(ui_db, "digits-cnn", {"steps": [{"method": "quantize.dynamic"}]})
+    api.cancel_job(ui_db, cancelled["job_id"])
+
+    at = open_page("app_pages/jobs.py")
+    at.segmented_control(key="status-filter").set_value("cancelled").run()
+    assert not at.exception
+    lines = [text for text in texts(at.markdown) if "Compress **digits-cnn**" in text]
+    assert len(lines) == 1 and "**cancelled**" in lines[0]
+
+    at.segmented_control(key="status-filter").set_value("failed").run()
+    assert "No failed jobs." in texts(at.info)
+
+
+def test_jobs_page_older_does_not_claim_there_are_no_jobs(ui_db):
+    api.submit_compress(ui_db, "digits-cnn", RECIPE)
+    at = open_page("app_pages/jobs.py")
+    older = next(b for b in at.button if b.label == "Older →")
+    if not older.disabled:
+        older.click().run()
+        assert "No jobs yet. Submit one on the Compress page." not in texts(at.info)
+
+
+def test_jobs_page_without_jobs_says_so(ui_home):
+    at = open_page("app_pages/jobs.py")
+    assert "No jobs yet. Submit one on the Compress page." in texts(at.info)
+
+
+# ---- Compare ------------------------------------------------------------------------------
+
+def test_compare_page_shows_the_run_table_and_two_charts(ui_run_home):
+    _, run = ui_run_home
+    at = open_page("app_pages/compare.py")
+    assert at.selectbox[0].value == "digits-cnn"
+
+    frame = at.dataframe[0].value
+    assert list(frame["run"]) == ["baseline (original model)", "prune.magnitude (amount 0.6) → quantize.dynamic"]
+    baseline, row = frame.iloc[0], frame.iloc[1]
+    assert bool(baseline["is_baseline"]) and not bool(row["is_baseline"])
+    assert row["link"] == f"/result?id={run['id']}"
+    assert row["size_kb"] == pytest.approx(run["metrics"]["size_bytes"] / 1024)
+    assert baseline["size_kb"] == pytest.approx(run["baseline"]["size_bytes"] / 1024)
+    assert row["score"] == pytest.approx(run["metrics"]["score"])
+
+    charts = at.get("vega_lite_chart")
+    assert len(charts) == 2
+    for chart in charts:
+        spec = json.loads(chart.proto.spec)
+        assert spec["mark"]["type"] == "point"
+        assert spec["encoding"]["y"]["field"] == "score_pct"
+    assert [json.loads(c.proto.spec)["encoding"]["x"]["field"] for c in charts] == ["size_kb", "p50_us"]
+
+
+def test_compare_page_without_runs_points_to_compress(ui_home):
+    at = open_page("app_pages/compare.py")
+    assert "No runs of this model yet. Submit one on the Compress page." in texts(at.info)
+    assert not at.dataframe
+
+
+# ---- Result -------------------------------------------------------------------------------
+
+def test_result_page_shows_the_run(ui_run_home):
+    _, run = ui_run_home
+    at = open_page("app_pages/result.py", id=run["id"])
+
+    assert texts(at.title) == ["Digits CNN: prune.magnitude (amount 0.6) → quantize.dynamic"]
+    sentence = texts(at.subheader)[0]
+    assert sentence == api.summary_sentence(run["metrics"], run["baseline"])
+    assert "smaller" in sentence
+    metrics = {m.label: m for m in at.metric}
+    assert metrics["Size"].value == f"{run['metrics']['size_bytes'] / 1024:.1f} KB"
+    assert "smaller" in metrics["Size"].delta
+    assert metrics["Accuracy"].value == f"{100 * run['metrics']['score']:.2f}%"
+
+    recipe_codes = [json.loads(c.value) for c in at.code if c.language == "json"]
+    assert recipe_codes == [run["recipe"]]
+    assert any(run["id"] in c.value for c in at.code)  # the share link
+
+    downloads = at.get("download_button")
+    assert len(downloads) == 1 and downloads[0].proto.label.startswith("Download ONNX")
+    assert len(at.get("vega_lite_chart")) == 2
+    assert not at.error
+
+
+def test_result_page_with_an_unknown_id_says_so(ui_run_home):
+    at = open_page("app_pages/result.py", id="0" * 32)
+    assert texts(at.error) == ["No run has this link. Check that the whole link was copied."]
+    assert not at.get("download_button")
+
+
+def test_result_page_of_a_queued_run_shows_its_status(ui_db):
+    submitted = api.submit_compress(ui_db, "digits-cnn", RECIPE)
+    at = open_page("app_pages/result.py", id=submitted["run_id"])
+    assert any("**queued**" in text for text in texts(at.markdown))
+    assert not at.get("download_button")

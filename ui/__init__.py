@@ -1,0 +1,1 @@
+"""Helpers shared by the Streamlit pages: formatting, tables and Altair charts. No torch here."""

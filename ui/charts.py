@@ -1,0 +1,75 @@
+"""Altair charts: score against size and against latency, the baseline marked."""
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+AXES = {
+    "size_kb": "Size of the ONNX file (KB)",
+    "zipped_kb": "Zipped size (KB)",
+    "p50_us": "Latency p50, batch 1 (µs)",
+}
+
+
+def tradeoff_chart(frame: pd.DataFrame, x: str, highlight_link: str | None = None) -> alt.Chart:
+    """Score (y) against a cost (x); the baseline is a red diamond, the highlighted run a larger dot."""
+    data = frame.assign(
+        kind=frame["is_baseline"].map({True: "baseline", False: "compressed run"}),
+        score_pct=frame["score"] * 100,
+    )
+    if highlight_link:
+        data.loc[data["link"] == highlight_link, "kind"] = "this run"
+    score_name = str(frame["score_name"].iloc[0]) if len(frame) else "score"
+    style = {"baseline": ("#d62728", "diamond", 220), "compressed run": ("#1f77b4", "circle", 70),
+             "this run": ("#ff7f0e", "circle", 220)}
+    kinds = [k for k in style if k in set(data["kind"])]  # the legend names only what is drawn
+    colors = alt.Scale(domain=kinds, range=[style[k][0] for k in kinds])
+    shapes = alt.Scale(domain=kinds, range=[style[k][1] for k in kinds])
+    sizes = alt.Scale(domain=kinds, range=[style[k][2] for k in kinds])
+    return (
+        alt.Chart(data)
+        .mark_point(filled=True, opacity=0.85)
+        .encode(
+            x=alt.X(x, title=AXES[x], scale=alt.Scale(zero=False, nice=True, padding=20),
+                    axis=alt.Axis(format=",.4~r", tickCount=6)),
+            y=alt.Y("score_pct", title=f"{score_name} (%)", scale=alt.Scale(zero=False, nice=True, padding=20),
+                    axis=alt.Axis(format=",.4~r", tickCount=5)),
+            color=alt.Color("kind", scale=colors, legend=alt.Legend(title=None, orient="bottom")),
+            shape=alt.Shape("kind", scale=shapes, legend=None),
+            size=alt.Size("kind", scale=sizes, legend=None),
+            tooltip=[
+                alt.Tooltip("run", title="recipe"),
+                alt.Tooltip(x, title=AXES[x], format=".3f"),
+                alt.Tooltip("score_pct", title=f"{score_name} (%)", format=".2f"),
+                alt.Tooltip("score_delta_points", title="Δ points", format="+.2f"),
+            ],
+            href="link",
+        )
+        .properties(height=320)
+    )
+
+
+def comparison_bars(metrics: dict, baseline: dict) -> alt.Chart:
+    """Original vs compressed, each metric relative to the original (original = 100%)."""
+    rows = []
+    for label, key in (("Size", "size_bytes"), ("Zipped size", "zipped_bytes"), ("Nonzero params", "nonzero_params")):
+        rows.append({"metric": label, "model": "original", "percent": 100.0})
+        rows.append({"metric": label, "model": "compressed", "percent": 100.0 * metrics[key] / baseline[key]})
+    for label, key in (("Latency p50 (batch 1)", "latency_ms"), ("Latency p50 (batch 256)", "batch_latency_ms")):
+        rows.append({"metric": label, "model": "original", "percent": 100.0})
+        rows.append({"metric": label, "model": "compressed",
+                     "percent": 100.0 * metrics[key]["p50"] / baseline[key]["p50"]})
+    frame = pd.DataFrame(rows)
+    return (
+        alt.Chart(frame)
+        .mark_bar()
+        .encode(
+            y=alt.Y("metric", title=None, sort=None, axis=alt.Axis(labelLimit=220)),
+            yOffset=alt.YOffset("model", sort=["original", "compressed"]),
+            x=alt.X("percent", title="% of the original (lower is better)"),
+            color=alt.Color("model", scale=alt.Scale(domain=["original", "compressed"], range=["#bbbbbb", "#1f77b4"]),
+                            legend=alt.Legend(title=None, orient="bottom")),
+            tooltip=["metric", "model", alt.Tooltip("percent", format=".1f")],
+        )
+        .properties(height=260)
+    )
