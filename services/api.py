@@ -115,13 +115,17 @@ def cancel_job(db, job_id: str) -> dict:
 
 
 def worker_alive(db) -> bool:
-    return bool(q.live_workers(db))
+    """Someone heartbeated within one lease: a worker killed without notice stops counting then."""
+    from services.worker import LEASE_S
+
+    return bool(q.live_workers(db, within_s=LEASE_S))
 
 
 def wait_for_job(db, job_id: str, timeout_s: float = 600.0) -> dict:
     """Run a job to its end: let a running worker do it, or work inline when none is running."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        q.reap_expired(db)  # a job held by a dead worker comes back to the queue, as a worker would do
         job = get_job(db, job_id)
         if job["status"] in q.FINISHED:
             return job

@@ -6,6 +6,7 @@ instead of being discovered as a crash in the worker.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,12 @@ def load_recipe_text(text_or_path: str) -> dict:
         except OSError:
             is_file = False
         if is_file:
-            text = candidate.read_text()
+            try:
+                text = candidate.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                raise UserError(f"Cannot read the recipe file {text_or_path}: "
+                                f"{'it is not UTF-8 text' if isinstance(error, UnicodeDecodeError) else error.strerror}.",
+                                field="recipe") from None
         elif "\n" not in text_or_path and text_or_path.endswith((".json", ".yaml", ".yml")):
             raise UserError(f"Recipe file not found: {text_or_path}", field="recipe")
     try:
@@ -63,9 +69,18 @@ def _check_param(method_name: str, index: int, param: Param, value: Any) -> Any:
             value = int(value)
         else:
             value = float(value)
-        if param.minimum is not None and value < param.minimum or param.maximum is not None and value > param.maximum:
-            raise UserError(f"{where} must be between {param.minimum:g} and {param.maximum:g}; got {value:g}.",
-                            field=field)
+        if not math.isfinite(value):
+            raise UserError(f"{where} must be a finite number; got {value!r}.", field=field)
+        too_low = param.minimum is not None and value < param.minimum
+        too_high = param.maximum is not None and value > param.maximum
+        if too_low or too_high:
+            if param.minimum is not None and param.maximum is not None:
+                allowed = f"between {param.minimum:g} and {param.maximum:g}"
+            elif param.minimum is not None:
+                allowed = f"at least {param.minimum:g}"
+            else:
+                allowed = f"at most {param.maximum:g}"
+            raise UserError(f"{where} must be {allowed}; got {value:g}.", field=field)
         return value
     if param.kind == "bool":
         if not isinstance(value, bool):
@@ -111,6 +126,9 @@ def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
         if not isinstance(step, dict) or "method" not in step:
             raise UserError(f"Step {index + 1} must be an object with a 'method'.", field=f"steps.{index}")
         name = step["method"]
+        if not isinstance(name, str):
+            raise UserError(f"Step {index + 1}: 'method' must be a method name such as \"prune.magnitude\".",
+                            field=f"steps.{index}.method")
         method = REGISTRY.get(name)
         if method is None:
             raise UserError(f"Unknown method {name!r} in step {index + 1}; known methods: "

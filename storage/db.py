@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import sqlite_utils
@@ -24,6 +25,22 @@ def utcnow() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL, waiting for other processes doing the same on a fresh file: this pragma
+    answers "database is locked" at once, without honouring the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
 def open_db(home: Path | str | None = None) -> sqlite_utils.Database:
     """A connection to the project's database with WAL, a busy timeout and the schema up to date.
 
@@ -40,7 +57,7 @@ def open_db(home: Path | str | None = None) -> sqlite_utils.Database:
         check_same_thread=False,
     )
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA journal_mode = WAL")
+    _enable_wal(conn)
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA foreign_keys = ON")
     db = sqlite_utils.Database(conn)

@@ -1,6 +1,7 @@
 """Export a PyTorch module to ONNX with a dynamic batch dimension."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -8,6 +9,7 @@ import torch
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
     model.eval()
+    warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
     # dynamo=False: the TorchScript exporter handles these models in a fraction of a second,
     # while torch 2.13's dynamo exporter needs onnxscript and failed on a dynamic batch here.
     torch.onnx.export(

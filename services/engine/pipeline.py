@@ -82,7 +82,7 @@ def _load_torch_model(store: ArtifactStore, model_id: str) -> torch.nn.Module:
     try:
         # weights_only=True: loading never runs code from the file.
         net.load_state_dict(torch.load(weights_path, weights_only=True))
-    except (FileNotFoundError, RuntimeError, EOFError) as error:
+    except Exception as error:  # missing, truncated, garbage or not a state dict: all the same to a user
         raise UserError(f"The stored weights of {model_id} are missing or unreadable ({type(error).__name__}); "
                         f"open the Models page to prepare it again.") from None
     net.eval()

@@ -1,0 +1,184 @@
+"""Shared fixtures: a fresh data folder per test, a digits-cnn prepared once per session, and
+helpers that run the real CLI and the real worker as subprocesses.
+
+Every test gets its own EXPLORER_HOME under tmp_path, so tests never share a database. Training
+digits-cnn costs a few seconds, so it happens once (`_prepared_template`) and each test that
+needs a ready model copies that folder (`prepared_home`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+if str(PROJECT_ROOT) not in sys.path:  # `pytest` run without `-m` still finds storage/ and services/
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+# Short timing phases keep every compress job fast. Set at import so the engine modules (which
+# read them when imported) and every child process of the worker see the same values.
+os.environ["EXPLORER_BENCH_REPEATS"] = "20"
+os.environ["EXPLORER_BENCH_BATCH_REPEATS"] = "5"
+os.environ["EXPLORER_BENCH_WARMUP"] = "5"
+os.environ.pop("EXPLORER_EXECUTOR", None)
+
+QUANTIZE = {"steps": [{"method": "quantize.dynamic"}]}
+PRUNE_80 = {"steps": [{"method": "prune.magnitude", "params": {"amount": 0.8}}]}
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy; returns that value or fails the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def run_cli(*args: str, home: Path, timeout: float = 180, extra_env: dict | None = None):
+    """`python -m services ARGS` in the project folder with EXPLORER_HOME=home."""
+    env = {**os.environ, "EXPLORER_HOME": str(home), **(extra_env or {})}
+    return subprocess.run([sys.executable, "-m", "services", *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli_json(*args: str, home: Path, timeout: float = 180):
+    done = run_cli(*args, home=home, timeout=timeout)
+    assert done.returncode == 0, f"exit {done.returncode}; stderr:\n{done.stderr}"
+    return json.loads(done.stdout)
+
+
+def runner_processes(job_id: str | None = None) -> list[psutil.Process]:
+    """Live job child processes (`python -m services.engine.runner JOB_ID`), optionally for one job."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmdline = proc.info["cmdline"] or []
+        if "services.engine.runner" not in cmdline:
+            continue
+        if job_id is not None and job_id not in cmdline:
+            continue
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        found.append(proc)
+    return found
+
+
+def process_gone(pid: int) -> bool:
+    """True when the process no longer runs (a zombie waiting for its reaper counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _prepare_into(home: Path) -> None:
+    done = run_cli("models", "prepare", "digits-cnn", "--wait", "--json", home=home, timeout=300)
+    assert done.returncode == 0, done.stderr
+    model = json.loads(done.stdout)
+    assert model["status"] == "ready", model
+
+
+@pytest.fixture(scope="session")
+def _prepared_template(tmp_path_factory) -> Path:
+    """A data folder where digits-cnn is trained, exported and measured: made once per session."""
+    home = tmp_path_factory.mktemp("prepared-template") / "home"
+    _prepare_into(home)
+    return home
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty data folder for this test, set as EXPLORER_HOME."""
+    folder = tmp_path / "home"
+    folder.mkdir()
+    monkeypatch.setenv("EXPLORER_HOME", str(folder))
+    return folder
+
+
+@pytest.fixture
+def prepared_home(_prepared_template, tmp_path, monkeypatch) -> Path:
+    """This test's own copy of a data folder where digits-cnn is ready; set as EXPLORER_HOME."""
+    folder = tmp_path / "home"
+    shutil.copytree(_prepared_template, folder)
+    monkeypatch.setenv("EXPLORER_HOME", str(folder))
+    return folder
+
+
+@pytest.fixture
+def db(home):
+    """A fresh database (with the built-in models registered) in this test's data folder."""
+    from services import api
+
+    database = api.connect(home)
+    yield database
+    database.conn.close()
+
+
+@pytest.fixture
+def prepared_db(prepared_home):
+    from services import api
+
+    database = api.connect(prepared_home)
+    yield database
+    database.conn.close()
+
+
+class WorkerProcesses:
+    """Starts `python -m services worker` subprocesses and always stops them (and their children)."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, home: Path, lease_s: float = 2, poll_s: float = 0.2, **extra_env) -> subprocess.Popen:
+        env = {**os.environ, "EXPLORER_HOME": str(home), "EXPLORER_LEASE_SECONDS": str(lease_s),
+               "EXPLORER_POLL_SECONDS": str(poll_s), **{k: str(v) for k, v in extra_env.items()}}
+        log = open(self.tmp_path / f"worker-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "services", "worker"], cwd=PROJECT_ROOT, env=env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def log(self, index: int = -1) -> str:
+        return (self.tmp_path / f"worker-{index % len(self.procs)}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            try:
+                descendants = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                descendants = []
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+            for child in descendants:  # job children this worker started, should any outlive it
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    pass
+
+
+@pytest.fixture
+def workers(tmp_path):
+    """Start real worker processes with `workers.start(home, ...)`; all are stopped at teardown."""
+    pool = WorkerProcesses(tmp_path)
+    try:
+        yield pool
+    finally:
+        pool.stop_all()

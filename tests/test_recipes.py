@@ -1,0 +1,246 @@
+"""services/recipes.py: parsing (JSON, YAML, files), defaults, and errors that point at their field.
+
+Also: the modules the web process imports never pull in torch or onnxruntime.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PROJECT_ROOT
+from services import api
+from services.engine.methods import REGISTRY
+from services.errors import UserError
+from services.recipes import RECOVERY_OBJECTIVES, load_recipe_text, validate_recipe
+
+TORCH_MODEL = {"id": "digits-cnn", "format": "torch", "task": "digits"}
+ONNX_MODEL = {"id": "uploaded", "format": "onnx", "task": "fidelity"}
+TASKS = ["digits", "fidelity"]
+
+QUANTIZE_DEFAULTS = {"per_channel": True, "reduce_range": False, "weight_type": "int8",
+                     "operators": ["MatMul", "Gemm", "Conv"], "keep_float_nodes": []}
+
+
+def _validate(recipe, model=TORCH_MODEL, tasks=TASKS):
+    return validate_recipe(recipe, model, tasks)
+
+
+def _error(recipe, model=TORCH_MODEL, tasks=TASKS) -> UserError:
+    with pytest.raises(UserError) as caught:
+        _validate(recipe, model, tasks)
+    return caught.value
+
+
+# ---- defaults -------------------------------------------------------------------------------
+
+def test_defaults_are_filled_in():
+    clean = _validate({"steps": [{"method": "prune.magnitude"}, {"method": "quantize.dynamic", "params": {}}]})
+    assert clean == {
+        "task": "digits",  # the model's own task
+        "steps": [{"method": "prune.magnitude", "params": {"amount": 0.5, "scope": "global"}},
+                  {"method": "quantize.dynamic", "params": QUANTIZE_DEFAULTS}],
+        "recovery": {"objective": "none"},
+    }
+
+
+def test_given_values_are_kept_and_normalised():
+    clean = _validate({"task": "fidelity", "name": "n" * 300, "recovery": {"objective": "none"},
+                       "steps": [{"method": "prune.magnitude", "params": {"amount": 0, "scope": "per_layer"}},
+                                 {"method": "quantize.dynamic",
+                                  "params": {"operators": "Conv, Gemm", "keep_float_nodes": "/Gemm_1",
+                                             "weight_type": "uint8", "per_channel": False}}]})
+    assert clean["task"] == "fidelity"
+    assert clean["name"] == "n" * 100
+    prune, quantize = (step["params"] for step in clean["steps"])
+    assert prune == {"amount": 0.0, "scope": "per_layer"}
+    assert isinstance(prune["amount"], float)  # an int given for a float parameter is stored as a float
+    assert quantize["operators"] == ["Conv", "Gemm"]  # a comma list becomes a list
+    assert quantize["keep_float_nodes"] == ["/Gemm_1"]
+    assert quantize["weight_type"] == "uint8" and quantize["per_channel"] is False
+
+
+def test_every_registered_method_validates_with_its_own_defaults():
+    for name, method in REGISTRY.items():
+        model = TORCH_MODEL if "torch" in method.applies_to else ONNX_MODEL
+        clean = _validate({"steps": [{"method": name}]}, model)
+        assert clean["steps"][0]["params"] == {p.name: p.default for p in method.params}
+
+
+# ---- parsing --------------------------------------------------------------------------------
+
+def test_inline_json_is_parsed():
+    assert load_recipe_text('{"steps": [{"method": "quantize.dynamic"}]}') == \
+        {"steps": [{"method": "quantize.dynamic"}]}
+
+
+def test_yaml_text_is_accepted():
+    text = """
+task: digits
+steps:
+  - method: prune.magnitude
+    params: {amount: 0.7, scope: per_layer}
+  - method: quantize.dynamic
+    params:
+      per_channel: false
+recovery:
+  objective: none
+"""
+    recipe = load_recipe_text(text)
+    clean = _validate(recipe)
+    assert clean["steps"][0] == {"method": "prune.magnitude", "params": {"amount": 0.7, "scope": "per_layer"}}
+    assert clean["steps"][1]["params"]["per_channel"] is False
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml", ".yml"])
+def test_recipe_files_are_read(tmp_path, suffix):
+    path = tmp_path / f"recipe{suffix}"
+    recipe = {"steps": [{"method": "prune.magnitude", "params": {"amount": 0.25}}]}
+    path.write_text(json.dumps(recipe) if suffix == ".json" else
+                    "steps:\n  - method: prune.magnitude\n    params:\n      amount: 0.25\n")
+    assert load_recipe_text(str(path)) == recipe
+
+
+def test_a_missing_recipe_file_is_named(tmp_path):
+    missing = tmp_path / "nowhere" / "recipe.yaml"
+    with pytest.raises(UserError, match="Recipe file not found") as caught:
+        load_recipe_text(str(missing))
+    assert str(missing) in str(caught.value)
+    assert caught.value.field == "recipe"
+
+
+@pytest.mark.parametrize("text", ['{"steps": [', "steps: [unclosed", "[1, 2]", "just words", "42"])
+def test_text_that_is_not_a_recipe_is_refused(text):
+    with pytest.raises(UserError) as caught:
+        load_recipe_text(text)
+    assert caught.value.field == "recipe"
+    assert "\n" not in str(caught.value)
+
+
+def test_malformed_json_says_where():
+    with pytest.raises(UserError, match=r"not valid JSON: .* at line 2, column \d+\.$"):
+        load_recipe_text('{"steps":\n [{"method": "quantize.dynamic"}}')
+
+
+def test_json_with_a_trailing_comma_is_read_as_yaml():
+    # YAML is a superset of JSON that allows a trailing comma: such a recipe is accepted.
+    assert load_recipe_text('{"steps": [{"method": "quantize.dynamic",}]}') == \
+        {"steps": [{"method": "quantize.dynamic"}]}
+
+
+def test_check_recipe_takes_text_and_knows_the_model(db):
+    clean = api.check_recipe(db, "digits-cnn", '{"steps": [{"method": "quantize.dynamic"}]}')
+    assert clean["task"] == "digits" and clean["steps"][0]["params"] == QUANTIZE_DEFAULTS
+    with pytest.raises(UserError) as caught:
+        api.check_recipe(db, "nope", {"steps": [{"method": "quantize.dynamic"}]})
+    assert caught.value.field == "model"
+    assert db.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+
+
+# ---- errors point at their field ------------------------------------------------------------
+
+def _prune(**params):
+    return {"method": "prune.magnitude", "params": params}
+
+
+@pytest.mark.parametrize("recipe, field, words", [
+    ({"steps": [{"method": "quantize.dynamic"}, {"method": "prune.magnitude"}]}, "steps.1.method",
+     "before quantize.dynamic"),
+    ({"steps": [{"method": "quantize.dynamic"}, {"method": "nope"}]}, "steps.1.method", "Unknown method 'nope'"),
+    ({"steps": [_prune(amount=0.1), _prune(amount=1.5)]}, "steps.1.amount", "between 0 and 0.99; got 1.5"),
+    ({"steps": [_prune(amount=-0.1)]}, "steps.0.amount", "between 0 and 0.99"),
+    ({"steps": [_prune(amount="half")]}, "steps.0.amount", "must be a number"),
+    ({"steps": [_prune(amount=True)]}, "steps.0.amount", "must be a number"),
+    ({"steps": [_prune(scope="everywhere")]}, "steps.0.scope", "one of global, per_layer"),
+    ({"steps": [_prune(), _prune(ratio=0.5)]}, "steps.1.ratio", "no parameter 'ratio'; its parameters are amount"),
+    ({"steps": [{"method": "quantize.dynamic", "params": {"per_channel": "yes"}}]}, "steps.0.per_channel",
+     "true or false"),
+    ({"steps": [{"method": "quantize.dynamic", "params": {"operators": ["Conv", "LSTM"]}}]},
+     "steps.0.operators", "unknown choice 'LSTM'"),
+    ({"steps": [{"method": "quantize.dynamic", "params": {"operators": []}}]}, "steps.0.operators",
+     "at least one"),
+    ({"steps": [{"method": "quantize.dynamic", "params": {"keep_float_nodes": [1, 2]}}]},
+     "steps.0.keep_float_nodes", "list of names"),
+    ({"steps": [{"method": "quantize.dynamic", "params": ["per_channel"]}]}, "steps.0", "'params' must be"),
+    ({"steps": ["quantize.dynamic"]}, "steps.0", "must be an object with a 'method'"),
+    ({"steps": []}, "steps", "no steps"),
+    ({}, "steps", "no steps"),
+    ({"steps": [{"method": "quantize.dynamic"}], "stpes": []}, "recipe", "Unknown recipe key 'stpes'"),
+    ({"task": "speaker-id", "steps": [{"method": "quantize.dynamic"}]}, "task", "cannot be scored on task"),
+    ({"steps": [{"method": "quantize.dynamic"}], "recovery": {"objective": "dream"}}, "recovery.objective",
+     "Unknown recovery objective"),
+    ({"steps": [{"method": "quantize.dynamic"}], "recovery": "distill"}, "recovery", "must be an object"),
+])
+def test_errors_name_the_field_at_fault(recipe, field, words):
+    error = _error(recipe)
+    assert error.field == field
+    assert words in str(error)
+
+
+def test_a_torch_method_on_an_onnx_model_is_refused():
+    error = _error({"steps": [{"method": "prune.magnitude"}]}, model=ONNX_MODEL, tasks=["fidelity"])
+    assert error.field == "steps.0.method"
+    assert "needs a PyTorch model" in str(error)
+    assert _validate({"steps": [{"method": "quantize.dynamic"}]}, ONNX_MODEL, ["fidelity"])["task"] == "fidelity"
+
+
+@pytest.mark.parametrize("objective", [o for o in RECOVERY_OBJECTIVES if o != "none"])
+def test_recovery_objectives_not_built_yet_are_refused_by_name(objective):
+    error = _error({"steps": [{"method": "quantize.dynamic"}], "recovery": {"objective": objective}})
+    assert error.field == "recovery.objective"
+    assert objective in str(error)
+
+
+@pytest.mark.parametrize("method", [["prune.magnitude"], {"name": "prune.magnitude"}], ids=["list", "object"])
+def test_a_method_that_is_not_a_name_is_a_user_error(method):
+    error = _error({"steps": [{"method": method}]})
+    assert error.field == "steps.0.method"
+
+
+@pytest.mark.parametrize("text", ['{"steps": [{"method": "prune.magnitude", "params": {"amount": NaN}}]}',
+                                  "steps:\n  - method: prune.magnitude\n    params: {amount: .nan}\n"],
+                         ids=["json", "yaml"])
+def test_nan_is_not_a_valid_amount(text):
+    error = _error(load_recipe_text(text))
+    assert error.field == "steps.0.amount"
+
+
+def test_a_one_sided_range_is_reported_as_a_user_error():
+    from services.engine.registry import Param
+    from services.recipes import _check_param
+
+    steps = Param("steps", "int", 100, "Training steps.", minimum=1)
+    assert _check_param("recover.finetune", 0, steps, 50) == 50
+    with pytest.raises(UserError, match="steps"):
+        _check_param("recover.finetune", 0, steps, 0)
+
+
+def test_a_recipe_file_that_is_not_text_is_a_user_error(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(bytes([0xff, 0xfe, 0x00, 0x81]) * 64)
+    with pytest.raises(UserError) as caught:
+        load_recipe_text(str(path))
+    assert caught.value.field == "recipe"
+
+
+# ---- the web process never imports torch ----------------------------------------------------
+
+@pytest.mark.slow
+def test_api_recipes_and_registry_import_no_torch_or_onnxruntime(tmp_path):
+    code = (
+        "import sys\n"
+        "import services.api, services.recipes, services.engine.methods, services.catalog, storage\n"
+        "from services import api\n"
+        "db = api.connect()\n"
+        "api.list_methods(); api.list_models(db)\n"
+        "api.submit_compress(db, 'digits-cnn', '{\"steps\": [{\"method\": \"prune.magnitude\"}]}')\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnxruntime', 'onnx'))\n"
+        "print(','.join(heavy))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "EXPLORER_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""
