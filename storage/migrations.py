@@ -79,7 +79,26 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS = [_m1_initial]
+def _m2_uploads_and_datasets(db: sqlite_utils.Database) -> None:
+    """The user's own models and data."""
+    db.execute("ALTER TABLE models ADD COLUMN meta TEXT")  # JSON: how it was imported (files, input shapes)
+    db.execute("ALTER TABLE models ADD COLUMN dataset_id TEXT")  # the user's data it is scored on, if any
+    db.execute(
+        """
+        CREATE TABLE datasets (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            kind TEXT NOT NULL,            -- 'csv' | 'npz' | 'wav'
+            has_labels INTEGER NOT NULL,
+            n_samples INTEGER NOT NULL,
+            summary TEXT NOT NULL,         -- JSON: classes and counts, shapes, sample rate, ...
+            path TEXT NOT NULL,            -- the normalized data folder, relative to the home
+            created_at TEXT NOT NULL
+        )"""
+    )
+
+
+MIGRATIONS = [_m1_initial, _m2_uploads_and_datasets]
 
 
 def schema_version(db: sqlite_utils.Database) -> int:

@@ -75,7 +75,10 @@ def test_prepare_trains_exports_and_measures_the_model(prepared):
     assert card["size_bytes"] == onnx_file.stat().st_size
     assert 0 < card["zipped_bytes"] < card["size_bytes"]
     assert card["latency_ms"]["p50"] > 0 and card["throughput_per_s"] > 0
-    assert card["input_shape"] == [1, 8, 8]
+    assert card["io"]["inputs"] == [{"name": "input", "type": "tensor(float)", "shape": ["batch", 1, 8, 8]}]
+    assert card["io"]["outputs"][0]["shape"] == ["batch", 10]
+    assert card["params_by_op"] == {"Gemm": 16746, "Conv": 4800}
+    assert card["output_kind"] == "logits"
     weights = prepared.home / "artifacts" / "models" / "digits-cnn" / "weights.pt"
     state = torch.load(weights, weights_only=True)
     assert sum(t.numel() for t in state.values()) == 21546
@@ -87,10 +90,10 @@ def test_prepare_trains_exports_and_measures_the_model(prepared):
 
 def test_the_exported_model_agrees_with_the_torch_model(store):
     net = _trained_net(store)
-    inputs = tasks.task_inputs("digits", "digits")
+    evaluation = tasks.eval_set("digits", "digits-cnn")
     with torch.no_grad():
-        expected = net(torch.from_numpy(inputs)).numpy()
-    got = measure.run_outputs(measure.session(store.path("models", "digits-cnn", "model.onnx")), inputs)
+        expected = net(torch.from_numpy(evaluation.inputs["input"])).numpy()
+    got = measure.run_outputs(measure.session(store.path("models", "digits-cnn", "model.onnx")), evaluation)
     assert got.shape == (540, 10)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
@@ -121,7 +124,7 @@ def test_parameter_counts_of_a_quantized_model_count_int8_weights_only(store, tm
 def test_quantized_zeros_are_counted_against_the_zero_point(store, tmp_path, weight_type, per_channel):
     net = _trained_net(store)
     REGISTRY["prune.magnitude"].apply(net, {"amount": 0.8, "scope": "global"}, _context(tmp_path))
-    pruned = export_onnx(net, zoo.input_example("digits-cnn"), tmp_path / "pruned.onnx")
+    pruned = export_onnx(net, zoo.get_adapter("digits-cnn"), tmp_path / "pruned.onnx")
     float_counts = measure.parameter_counts(pruned)
     quantized = _quantize(pruned, tmp_path / "pq.onnx", tmp_path, weight_type=weight_type,
                           per_channel=per_channel)
@@ -202,8 +205,7 @@ def test_fidelity_task_scores_agreement_with_the_original(store, prepared, tmp_p
 
 def test_measure_latency_times_models_side_by_side(store):
     path = store.path("models", "digits-cnn", "model.onnx")
-    inputs = tasks.task_inputs("digits", "digits")
-    results = measure.measure_latency([path, path], inputs)
+    results = measure.measure_latency([path, path], tasks.eval_set("digits", "digits-cnn"))
     assert len(results) == 2
     for result in results:
         assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p95"]

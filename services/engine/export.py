@@ -1,4 +1,4 @@
-"""Export a PyTorch module to ONNX with a dynamic batch dimension."""
+"""Export a PyTorch module to ONNX with the adapter's input names and dynamic axes."""
 from __future__ import annotations
 
 import warnings
@@ -6,15 +6,18 @@ from pathlib import Path
 
 import torch
 
+from services.engine.families.base import ModelAdapter
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
+
+def export_onnx(model: torch.nn.Module, adapter: ModelAdapter, path: Path) -> Path:
     model.eval()
     warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
     # dynamo=False: the TorchScript exporter handles these models in a fraction of a second,
     # while torch 2.13's dynamo exporter needs onnxscript and failed on a dynamic batch here.
-    torch.onnx.export(
-        model, (example,), str(path), dynamo=False, opset_version=17,
-        input_names=["input"], output_names=["output"],
-        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-    )
+    with torch.no_grad():
+        torch.onnx.export(
+            model, adapter.example_inputs(), str(path), dynamo=False, opset_version=17,
+            input_names=list(adapter.input_names), output_names=list(adapter.output_names),
+            dynamic_axes=adapter.dynamic_axes,
+        )
     return path

@@ -16,10 +16,11 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
+from services.engine.tasks.base import EvalSet
+
 BENCH_THREADS = int(os.environ.get("EXPLORER_BENCH_THREADS", "1"))
 WARMUP = int(os.environ.get("EXPLORER_BENCH_WARMUP", "20"))
 REPEATS = int(os.environ.get("EXPLORER_BENCH_REPEATS", "200"))
-BATCH = 256
 BATCH_REPEATS = int(os.environ.get("EXPLORER_BENCH_BATCH_REPEATS", "30"))
 
 # Quantization bookkeeping tensors are not parameters a user would count.
@@ -73,9 +74,10 @@ def _zero_point(initializers: dict, name: str, values: np.ndarray):
     return zp.reshape((-1,) + (1,) * (values.ndim - 1))  # Conv weights per output channel
 
 
-def run_outputs(sess: ort.InferenceSession, inputs: np.ndarray, batch: int = BATCH) -> np.ndarray:
-    name = sess.get_inputs()[0].name
-    outs = [sess.run(None, {name: inputs[i:i + batch]})[0] for i in range(0, len(inputs), batch)]
+def run_outputs(sess: ort.InferenceSession, evaluation: EvalSet, batch: int = 64) -> np.ndarray:
+    """The first output of the model over the whole evaluation set, in batches."""
+    n = len(evaluation)
+    outs = [sess.run(None, {k: v[i:i + batch] for k, v in evaluation.inputs.items()})[0] for i in range(0, n, batch)]
     return np.concatenate(outs)
 
 
@@ -90,19 +92,18 @@ def _time_calls(sess, feed: dict, warmup: int, repeats: int) -> np.ndarray:
     return times * 1000.0
 
 
-def measure_latency(paths: list[Path], inputs: np.ndarray) -> list[dict]:
+def measure_latency(paths: list[Path], evaluation: EvalSet) -> list[dict]:
     """Time several models side by side, interleaved in rounds, so machine noise hits all alike."""
     sessions = [session(p) for p in paths]
-    name = sessions[0].get_inputs()[0].name
-    single = {name: inputs[:1]}
-    batch_inputs = np.resize(inputs, (BATCH, *inputs.shape[1:])).astype(inputs.dtype)
-    batch_feed = {name: batch_inputs}
+    single = evaluation.head(1)
+    batch = evaluation.latency_batch
+    batch_feed = evaluation.head(batch)
     rounds = 5
     single_times = [[] for _ in sessions]
     batch_times = [[] for _ in sessions]
     for _ in range(rounds):
         for i, sess in enumerate(sessions):
-            single_times[i].append(_time_calls(sess, single, WARMUP // rounds + 1, REPEATS // rounds))
+            single_times[i].append(_time_calls(sess, single, WARMUP // rounds + 1, max(1, REPEATS // rounds)))
             batch_times[i].append(_time_calls(sess, batch_feed, 2, max(1, BATCH_REPEATS // rounds)))
     results = []
     for i in range(len(sessions)):
@@ -111,8 +112,34 @@ def measure_latency(paths: list[Path], inputs: np.ndarray) -> list[dict]:
         results.append({
             "latency_ms": {"p50": float(np.percentile(s, 50)), "p95": float(np.percentile(s, 95)), "batch": 1},
             "batch_latency_ms": {"p50": float(np.percentile(b, 50)), "p95": float(np.percentile(b, 95)),
-                                 "batch": BATCH},
-            "throughput_per_s": float(BATCH / (np.percentile(b, 50) / 1000.0)),
+                                 "batch": batch},
+            "throughput_per_s": float(batch / (np.percentile(b, 50) / 1000.0)),
             "threads": BENCH_THREADS,
         })
     return results
+
+
+def io_shapes(path: Path) -> dict:
+    """Input and output names, element types and shapes (symbolic dimensions by name)."""
+    sess = session(path)
+
+    def describe(args):
+        return [{"name": a.name, "type": a.type, "shape": [d if isinstance(d, int) else str(d) for d in a.shape]}
+                for a in args]
+
+    return {"inputs": describe(sess.get_inputs()), "outputs": describe(sess.get_outputs())}
+
+
+def params_by_op(path: Path) -> dict:
+    """Parameter count per operator type that uses the weight (Conv, MatMul, Gather, ...)."""
+    model = onnx.load(str(path))
+    shape_types = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)  # shape constants, not weights
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer
+             if int(np.prod(t.dims)) > 1 and t.data_type not in shape_types}
+    counted, out = set(), {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in sizes and name not in counted and not name.endswith(_BOOKKEEPING_SUFFIXES):
+                counted.add(name)
+                out[node.op_type] = out.get(node.op_type, 0) + sizes[name]
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))

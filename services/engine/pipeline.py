@@ -19,6 +19,7 @@ from services.catalog import BUILTIN_MODELS
 from services.engine import measure, tasks, zoo
 from services.engine.export import export_onnx
 from services.engine.methods import REGISTRY
+from services.engine.tasks.base import EvalSet
 from services.errors import UserError
 from storage.artifacts import ArtifactStore
 
@@ -37,56 +38,52 @@ class StepContext:
         return UserError(message)
 
 
-def _model_paths(store: ArtifactStore, model_id: str) -> tuple[Path, Path]:
-    return store.path("models", model_id, "weights.pt"), store.path("models", model_id, "model.onnx")
+def _weights_path(store: ArtifactStore, model_id: str) -> Path:
+    return store.path("models", model_id, "weights.pt")
 
 
 def prepare(store: ArtifactStore, model: dict, progress: Progress) -> dict:
-    """Train (or load) a built-in model, export it, and compute its card."""
+    """Train (or load from its package) a built-in model, export it, and compute its card."""
     model_id = model["id"]
     if model_id not in BUILTIN_MODELS:
         raise UserError(f"Model {model_id} cannot be prepared: it is not a built-in model.")
-    weights_path, onnx_path = _model_paths(store, model_id)
-    progress(0.05, f"training {model_id} (seeded, first use only)")
-    net = zoo.train_builtin(model_id, progress)
+    adapter = zoo.get_adapter(model_id)
+    progress(0.05, f"creating {model_id} (first use only)")
+    net = adapter.create(progress)
     scratch = store.scratch_dir("models", model_id, "tmp")
-    tmp_weights = scratch / "weights.pt"
-    torch.save(net.state_dict(), tmp_weights)
-    store.put_file(tmp_weights, "models", model_id, "weights.pt")
+    adapter.save(net, scratch / "weights.pt")
+    store.put_file(scratch / "weights.pt", "models", model_id, "weights.pt")
     progress(0.7, "exporting to ONNX")
-    export_onnx(net, zoo.input_example(model_id), scratch / "model.onnx")
-    store.put_file(scratch / "model.onnx", "models", model_id, "model.onnx")
+    export_onnx(net, adapter, scratch / "model.onnx")
+    onnx_path = store.put_file(scratch / "model.onnx", "models", model_id, "model.onnx")
     shutil.rmtree(scratch, ignore_errors=True)
     progress(0.8, "measuring the baseline")
-    card = measure_model(onnx_path, onnx_path, model["task"], model["task"])
+    evaluation = tasks.eval_set(model["task"], model_id)
+    card = measure_model(onnx_path, onnx_path, model["task"], model_id, adapter.output_kind, evaluation)
     card["train_seconds"] = round(getattr(net, "train_seconds", 0.0), 2)
-    card["input_shape"] = list(zoo.input_example(model_id).shape[1:])
+    card["io"] = measure.io_shapes(onnx_path)
+    card["params_by_op"] = measure.params_by_op(onnx_path)
+    card["output_kind"] = adapter.output_kind
     return {"model_update": {"status": "ready", "card": card, "artifact": store.relative(onnx_path),
                              "error": None}}
 
 
-def measure_model(path: Path, reference_path: Path, task: str, model_task: str,
-                  latency: dict | None = None) -> dict:
-    inputs = tasks.task_inputs(task, model_task)
-    outputs = measure.run_outputs(measure.session(path), inputs)
-    reference = measure.run_outputs(measure.session(reference_path), inputs)
+def measure_model(path: Path, reference_path: Path, task: str, model_id: str, output_kind: str,
+                  evaluation: EvalSet, latency: dict | None = None) -> dict:
+    outputs = measure.run_outputs(measure.session(path), evaluation)
+    reference = outputs if path == reference_path else measure.run_outputs(measure.session(reference_path), evaluation)
     metrics = {**measure.file_sizes(path), **measure.parameter_counts(path),
-               **tasks.score(task, model_task, outputs, reference)}
-    metrics.update(latency or measure.measure_latency([path], inputs)[0])
+               **tasks.score(task, model_id, output_kind, evaluation, outputs, reference)}
+    metrics.update(latency or measure.measure_latency([path], evaluation)[0])
     return metrics
 
 
 def _load_torch_model(store: ArtifactStore, model_id: str) -> torch.nn.Module:
-    weights_path, _ = _model_paths(store, model_id)
-    net = zoo.build(model_id)
     try:
-        # weights_only=True: loading never runs code from the file.
-        net.load_state_dict(torch.load(weights_path, weights_only=True))
+        return zoo.get_adapter(model_id).load(_weights_path(store, model_id))
     except Exception as error:  # missing, truncated, garbage or not a state dict: all the same to a user
         raise UserError(f"The stored weights of {model_id} are missing or unreadable ({type(error).__name__}); "
                         f"open the Models page to prepare it again.") from None
-    net.eval()
-    return net
 
 
 def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progress: Progress) -> dict:
@@ -96,6 +93,7 @@ def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progr
         prepared = prepare(store, model, lambda f, m: progress(f * 0.3, m))
         result.update(prepared)
         model = {**model, **prepared["model_update"]}
+    adapter = zoo.get_adapter(model["id"])
     baseline_path = store.resolve(model["artifact"])
     scratch = store.scratch_dir("runs", run_id, "tmp")
     context = StepContext(model_id=model["id"], scratch=scratch, progress=progress)
@@ -109,7 +107,7 @@ def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progr
         for index, step in enumerate(torch_steps):
             progress(0.3 + 0.3 * index / total, f"step {index + 1}/{total}: {step['method']}")
             REGISTRY[step["method"]].apply(net, step["params"], context)
-        current = export_onnx(net, zoo.input_example(model["id"]), scratch / "after_torch.onnx")
+        current = export_onnx(net, adapter, scratch / "after_torch.onnx")
     for offset, step in enumerate(onnx_steps):
         index = len(torch_steps) + offset
         progress(0.3 + 0.3 * index / total, f"step {index + 1}/{total}: {step['method']}")
@@ -120,11 +118,12 @@ def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progr
     final = store.put_file(current, "runs", run_id, "model.onnx")
     shutil.rmtree(scratch, ignore_errors=True)
     progress(0.65, "timing the original and the compressed model with ONNX Runtime")
-    inputs = tasks.task_inputs(recipe["task"], model["task"])
-    base_latency, run_latency = measure.measure_latency([baseline_path, final], inputs)
+    evaluation = tasks.eval_set(recipe["task"], model["id"])
+    base_latency, run_latency = measure.measure_latency([baseline_path, final], evaluation)
     progress(0.9, f"scoring on {recipe['task']}")
-    baseline = measure_model(baseline_path, baseline_path, recipe["task"], model["task"], base_latency)
-    metrics = measure_model(final, baseline_path, recipe["task"], model["task"], run_latency)
+    kind = adapter.output_kind
+    baseline = measure_model(baseline_path, baseline_path, recipe["task"], model["id"], kind, evaluation, base_latency)
+    metrics = measure_model(final, baseline_path, recipe["task"], model["id"], kind, evaluation, run_latency)
     metrics["job_seconds"] = round(time.perf_counter() - started, 2)
     result["run"] = {
         "metrics": metrics,

@@ -1,68 +1,36 @@
-"""Built-in models: definitions, seeded training, and loading them back."""
+"""The registry of built-in models (adapters), by id. A new family = a module in families/."""
 from __future__ import annotations
 
-import time
-
-import numpy as np
 import torch
-from torch import nn
 
-from services.engine.tasks import digits_data
+from services.engine.families import digits
+from services.engine.families.base import ModelAdapter
 
-WIDTHS = {"digits-cnn": 1, "digits-cnn-x2": 2, "digits-cnn-x4": 4}
-TRAIN_SEED = 0
-
-
-class DigitsCNN(nn.Module):
-    """Two 3x3 convolutions, a pooling and two linear layers; `width` scales every layer."""
-
-    def __init__(self, width: int = 1):
-        super().__init__()
-        c1, c2, hidden = 16 * width, 32 * width, 32 * width
-        self.features = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(c2 * 4 * 4, hidden), nn.ReLU(), nn.Linear(hidden, 10))
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
+ADAPTERS: dict[str, ModelAdapter] = {a.model_id: a for a in digits.ADAPTERS}
 
 
-def build(model_id: str) -> nn.Module:
-    if model_id in WIDTHS:
-        return DigitsCNN(WIDTHS[model_id])
-    raise KeyError(model_id)
+def _register_optional() -> None:
+    # Families whose modules need extra packages register themselves when those import.
+    for module_name in ("services.engine.families.minilm", "services.engine.families.speech"):
+        try:
+            module = __import__(module_name, fromlist=["ADAPTERS"])
+        except ModuleNotFoundError as error:
+            if error.name and error.name.startswith("services.engine.families"):
+                continue  # not written yet
+            raise
+        ADAPTERS.update({a.model_id: a for a in module.ADAPTERS})
 
 
-def train_builtin(model_id: str, progress, epochs: int = 30) -> nn.Module:
-    """Train a built-in model from scratch with a fixed seed (deterministic on one machine)."""
-    torch.manual_seed(TRAIN_SEED)
-    np.random.seed(TRAIN_SEED)
-    model = build(model_id)
-    data = digits_data()
-    x = torch.from_numpy(data.x_train)
-    y = torch.from_numpy(data.y_train)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(TRAIN_SEED)
-    started = time.perf_counter()
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), 64):
-            batch = order[start:start + 64]
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
-            loss.backward()
-            optimizer.step()
-        progress(0.05 + 0.6 * (epoch + 1) / epochs,
-                 f"training {model_id}: epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}")
-    model.eval()
-    model.train_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
-    return model
+_register_optional()
 
 
-def input_example(model_id: str) -> torch.Tensor:
-    return torch.from_numpy(digits_data().x_test[:1])
+def get_adapter(model_id: str) -> ModelAdapter:
+    return ADAPTERS[model_id]
+
+
+def build(model_id: str) -> torch.nn.Module:
+    return get_adapter(model_id).build()
+
+
+def input_example(model_id: str) -> tuple:
+    return get_adapter(model_id).example_inputs()

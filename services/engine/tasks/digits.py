@@ -1,0 +1,44 @@
+"""scikit-learn's 8x8 digits: a fixed, stratified split and accuracy."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from services.engine.tasks.base import EvalSet
+
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_SHARE = 0.3
+
+
+@dataclass(frozen=True)
+class DigitsData:
+    x_train: np.ndarray  # (N, 1, 8, 8) float32 in [0, 1]
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+@lru_cache(maxsize=1)
+def digits_data() -> DigitsData:
+    """1257 train / 540 test images, the same split everywhere."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target, test_size=DIGITS_TEST_SHARE, random_state=DIGITS_SPLIT_SEED,
+        stratify=digits.target)
+    return DigitsData(x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64))
+
+
+def eval_set(task: str = "digits") -> EvalSet:
+    data = digits_data()
+    return EvalSet(inputs={"input": data.x_test}, labels=data.y_test, latency_batch=256)
+
+
+def score(task: str, evaluation: EvalSet, outputs: np.ndarray) -> dict:
+    accuracy = float(np.mean(outputs.argmax(axis=1) == evaluation.labels))
+    return {"score": accuracy, "score_name": "accuracy"}
