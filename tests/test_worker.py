@@ -20,7 +20,7 @@ from storage import queue as q
 
 pytestmark = pytest.mark.slow
 
-LONG_TIMING = {"EXPLORER_BENCH_REPEATS": "5000000"}  # minutes of timing: the job is still running when we act
+LONG_TIMING = {"EXPLORER_BENCH_REPEATS": "5000000", "EXPLORER_BENCH_SECONDS": "600"}  # minutes of timing: the job is still running when we act
 
 
 def _job(db, job_id):

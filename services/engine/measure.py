@@ -22,6 +22,8 @@ BENCH_THREADS = int(os.environ.get("EXPLORER_BENCH_THREADS", "1"))
 WARMUP = int(os.environ.get("EXPLORER_BENCH_WARMUP", "20"))
 REPEATS = int(os.environ.get("EXPLORER_BENCH_REPEATS", "200"))
 BATCH_REPEATS = int(os.environ.get("EXPLORER_BENCH_BATCH_REPEATS", "30"))
+# Large models get fewer repeats: enough for a stable median without minutes of timing.
+SECONDS_PER_MODEL = float(os.environ.get("EXPLORER_BENCH_SECONDS", "4"))
 
 # Quantization bookkeeping tensors are not parameters a user would count.
 _BOOKKEEPING_SUFFIXES = ("_scale", "_zero_point", "_quantized_scale", "_quantized_zero_point")
@@ -99,12 +101,18 @@ def measure_latency(paths: list[Path], evaluation: EvalSet) -> list[dict]:
     batch = evaluation.latency_batch
     batch_feed = evaluation.head(batch)
     rounds = 5
+    # One call of each to size the repeats to the time budget (half for batch 1, half for the batch).
+    slowest_single = max(_time_calls(sess, single, 1, 1)[0] for sess in sessions) / 1000
+    slowest_batch = max(_time_calls(sess, batch_feed, 0, 1)[0] for sess in sessions) / 1000
+    budget = SECONDS_PER_MODEL / 2
+    repeats = int(min(REPEATS, max(20, budget / max(slowest_single, 1e-6))))
+    batch_repeats = int(min(BATCH_REPEATS, max(5, budget / max(slowest_batch, 1e-6))))
     single_times = [[] for _ in sessions]
     batch_times = [[] for _ in sessions]
     for _ in range(rounds):
         for i, sess in enumerate(sessions):
-            single_times[i].append(_time_calls(sess, single, WARMUP // rounds + 1, max(1, REPEATS // rounds)))
-            batch_times[i].append(_time_calls(sess, batch_feed, 2, max(1, BATCH_REPEATS // rounds)))
+            single_times[i].append(_time_calls(sess, single, WARMUP // rounds + 1, max(1, repeats // rounds)))
+            batch_times[i].append(_time_calls(sess, batch_feed, 1, max(1, batch_repeats // rounds)))
     results = []
     for i in range(len(sessions)):
         s = np.concatenate(single_times[i])
@@ -115,6 +123,7 @@ def measure_latency(paths: list[Path], evaluation: EvalSet) -> list[dict]:
                                  "batch": batch},
             "throughput_per_s": float(batch / (np.percentile(b, 50) / 1000.0)),
             "threads": BENCH_THREADS,
+            "repeats": {"batch_1": len(s), "batch": len(b)},
         })
     return results
 

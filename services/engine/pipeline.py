@@ -59,7 +59,7 @@ def prepare(store: ArtifactStore, model: dict, progress: Progress) -> dict:
     shutil.rmtree(scratch, ignore_errors=True)
     progress(0.8, "measuring the baseline")
     evaluation = tasks.eval_set(model["task"], model_id)
-    card = measure_model(onnx_path, onnx_path, model["task"], model_id, adapter.output_kind, evaluation)
+    card = measure_model(onnx_path, model["task"], model_id, adapter.output_kind, evaluation)
     card["train_seconds"] = round(getattr(net, "train_seconds", 0.0), 2)
     card["io"] = measure.io_shapes(onnx_path)
     card["params_by_op"] = measure.params_by_op(onnx_path)
@@ -68,10 +68,13 @@ def prepare(store: ArtifactStore, model: dict, progress: Progress) -> dict:
                              "error": None}}
 
 
-def measure_model(path: Path, reference_path: Path, task: str, model_id: str, output_kind: str,
-                  evaluation: EvalSet, latency: dict | None = None) -> dict:
-    outputs = measure.run_outputs(measure.session(path), evaluation)
-    reference = outputs if path == reference_path else measure.run_outputs(measure.session(reference_path), evaluation)
+def measure_model(path: Path, task: str, model_id: str, output_kind: str, evaluation: EvalSet,
+                  outputs=None, reference=None, latency: dict | None = None) -> dict:
+    """Every metric of one ONNX file. `reference` is the original model's outputs (for fidelity);
+    outputs and latency are computed here when not given."""
+    if outputs is None:
+        outputs = measure.run_outputs(measure.session(path), evaluation)
+    reference = outputs if reference is None else reference
     metrics = {**measure.file_sizes(path), **measure.parameter_counts(path),
                **tasks.score(task, model_id, output_kind, evaluation, outputs, reference)}
     metrics.update(latency or measure.measure_latency([path], evaluation)[0])
@@ -120,10 +123,12 @@ def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progr
     progress(0.65, "timing the original and the compressed model with ONNX Runtime")
     evaluation = tasks.eval_set(recipe["task"], model["id"])
     base_latency, run_latency = measure.measure_latency([baseline_path, final], evaluation)
-    progress(0.9, f"scoring on {recipe['task']}")
-    kind = adapter.output_kind
-    baseline = measure_model(baseline_path, baseline_path, recipe["task"], model["id"], kind, evaluation, base_latency)
-    metrics = measure_model(final, baseline_path, recipe["task"], model["id"], kind, evaluation, run_latency)
+    progress(0.85, f"scoring on {recipe['task']}")
+    kind, task = adapter.output_kind, recipe["task"]
+    reference = measure.run_outputs(measure.session(baseline_path), evaluation)
+    outputs = measure.run_outputs(measure.session(final), evaluation)
+    baseline = measure_model(baseline_path, task, model["id"], kind, evaluation, reference, reference, base_latency)
+    metrics = measure_model(final, task, model["id"], kind, evaluation, outputs, reference, run_latency)
     metrics["job_seconds"] = round(time.perf_counter() - started, 2)
     result["run"] = {
         "metrics": metrics,

@@ -1,7 +1,7 @@
 """Dynamic int8 quantization with ONNX Runtime's quantizer."""
 from services.engine.registry import Method, Param
 
-OPERATORS = ("MatMul", "Gemm", "Conv")
+OPERATORS = ("MatMul", "Gemm", "Gather", "Conv")
 
 
 def apply(onnx_in, onnx_out, params: dict, context) -> None:
@@ -35,9 +35,10 @@ METHOD = Method(
         Param("weight_type", "choice", "int8", "Signed or unsigned 8-bit weights.", choices=("int8", "uint8")),
         # Conv is left out by default: ONNX Runtime's ConvInteger with activations quantized on
         # the fly ran 4-5x slower than float convolutions on the digits CNNs (bench/methods.py).
-        Param("operators", "multichoice", ["MatMul", "Gemm"],
-              "Which kinds of operation to quantize; the others stay in float. Adding Conv shrinks a CNN "
-              "further but usually makes it slower: for convolutions, static quantization is the fast path.",
+        Param("operators", "multichoice", ["MatMul", "Gemm", "Gather"],
+              "Which kinds of operation to quantize; the others stay in float. Gather covers embedding tables "
+              "(half of a small transformer). Adding Conv shrinks a CNN further but usually makes it slower: "
+              "for convolutions, static quantization is the fast path.",
               choices=OPERATORS),
         Param("keep_float_nodes", "names", [],
               "Names of graph nodes to leave in float (for example a sensitive first or last layer)."),
