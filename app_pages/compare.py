@@ -22,6 +22,14 @@ if not runs:
     st.page_link("app_pages/compress.py", label="Compress it", icon=":material/compress:", query_params={"model": model_id})
     st.stop()
 
+# Scores on different tasks do not share an axis: compare the runs of one task at a time.
+run_tasks = list(dict.fromkeys(run["recipe"]["task"] for run in runs))
+task = run_tasks[0]
+if len(run_tasks) > 1:
+    wanted_task = st.query_params.get("task")
+    task = st.segmented_control("Task", run_tasks, default=wanted_task if wanted_task in run_tasks else run_tasks[0],
+                                key="compare-task") or run_tasks[0]
+runs = [run for run in runs if run["recipe"]["task"] == task]
 # The baseline row: the original model as measured in the most recent job.
 frame = runs_frame(runs, runs[0]["baseline"])
 st.caption(f"{len(runs)} run(s). Ratios compare each run with the original model measured in the same job "
@@ -41,6 +49,7 @@ with left:
     st.altair_chart(tradeoff_chart(frame, x), width="stretch")
 with right:
     st.subheader("Score against latency")
-    st.caption("Latency at batch 1, median over repeats (ONNX Runtime, fixed threads).")
-    st.altair_chart(tradeoff_chart(frame, "p50_us"), width="stretch")
+    st.caption("Each run's latency relative to the original timed in the same job (100% = as fast; "
+               "lower is faster), so noise between jobs does not move the points.")
+    st.altair_chart(tradeoff_chart(frame, "latency_pct"), width="stretch")
 st.caption("Click a point to open that run's result page. The red diamond is the original model.")

@@ -7,7 +7,7 @@ import streamlit as st
 from services import api
 from services.catalog import TASKS
 from services.errors import UserError
-from services.recipes import load_recipe_text
+from services.recipes import parse_recipe_text
 from ui.recipe_form import param_widget
 from ui.session import get_db, worker_banner
 
@@ -41,7 +41,7 @@ def add_step(name: str, params: dict | None = None) -> None:
 
 def load_recipe(text: str) -> None:
     try:
-        recipe = api.check_recipe(db, model_id, load_recipe_text(text))
+        recipe = api.check_recipe(db, model_id, parse_recipe_text(text))
     except UserError as error:
         st.session_state.load_error = str(error)
         return
@@ -128,7 +128,7 @@ if st.button("Submit job", type="primary", disabled=not can_submit,
         st.session_state.last_submitted = {**submitted, "model_id": model_id}
         st.rerun()
 
-if st.session_state.get("last_submitted"):
+if st.session_state.get("last_submitted") and st.session_state.last_submitted["model_id"] == model_id:
     done = st.session_state.last_submitted
     st.success(f"Job `{done['job_id'][:12]}` queued. Its result will appear at the link below when it is done.")
     cols = st.columns(2)

@@ -24,9 +24,14 @@ def job_title(job: dict) -> str:
     return f"Prepare **{job['model_id']}** (train and measure the original model)"
 
 
-@st.fragment(run_every=1.0)
+def queue_busy(db) -> bool:
+    return any(api.list_jobs(db, status=s, limit=1) for s in ("queued", "running"))
+
+
 def job_list() -> None:
     db = get_db()
+    if queue_busy(db) != busy:
+        st.rerun()  # switch the refresh rate
     status = None if status_filter in (None, "all") else status_filter
     jobs = api.list_jobs(db, status=status, limit=page_size, offset=page_number * page_size)
     if not jobs:
@@ -36,8 +41,8 @@ def job_list() -> None:
         with st.container(border=True):
             top, side = st.columns([5, 1])
             top.markdown(f"{status_label(job['status'])} · {job_title(job)}")
-            top.caption(f"job `{job['id'][:12]}` · created {job['created_at'][:19].replace('T', ' ')} UTC · "
-                        f"attempt {job['attempts']} of {job['max_attempts']}"
+            top.caption(f"job `{job['id'][:12]}` · created {job['created_at'][:19].replace('T', ' ')} UTC"
+                        + (f" · attempt {job['attempts']} of {job['max_attempts']}" if job["attempts"] else "")
                         + (f" · ran on {job['runner']['executor']} ({job['runner']['node']})" if job.get("runner") else ""))
             if job["status"] == "running":
                 top.progress(job["progress"], text=job["message"] or "running")
@@ -58,7 +63,10 @@ def job_list() -> None:
                 side.page_link("app_pages/result.py", label="Result", icon=":material/link:", query_params={"id": job["run_id"]})
 
 
-job_list()
+# Refresh every second while something is queued or running, otherwise every few seconds (to
+# notice jobs submitted from elsewhere) without re-reading the page's runs each second.
+busy = queue_busy(db)
+st.fragment(run_every=1.0 if busy else 5.0)(job_list)()
 shown_status = None if status_filter in (None, "all") else status_filter
 has_older = bool(api.list_jobs(db, status=shown_status, limit=1, offset=(page_number + 1) * page_size))
 prev, _, nxt = st.columns([1, 4, 1])

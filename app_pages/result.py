@@ -6,7 +6,7 @@ import streamlit as st
 from services import api
 from services.errors import UserError
 from ui.charts import comparison_bars, tradeoff_chart
-from ui.format import human_bytes, human_count, ms, per_second, ratio_delta, recipe_summary, status_label
+from ui.format import human_bytes, human_count, ms, per_second, ratio_delta, recipe_summary
 from ui.session import get_db
 from ui.tables import runs_frame
 
@@ -27,7 +27,9 @@ model = api.get_model(db, run["model_id"])
 st.title(f"{model['name']}: {recipe_summary(run['recipe'])}")
 
 if run["status"] != "succeeded":
-    st.markdown(f"This run is **{status_label(run['status'])}**.")
+    waiting = {"queued": "is waiting for a worker", "running": "is running", "failed": "failed",
+               "cancelled": "was cancelled"}
+    st.markdown(f"This run {waiting.get(run['status'], run['status'])}.")
     if run["status"] == "failed":
         st.error(run.get("error") or "The job failed.")
 
@@ -50,26 +52,26 @@ st.caption(f"Model `{model['id']}` · task `{run['recipe']['task']}` · created 
 
 ratios = api.ratios(metrics, baseline)
 cols = st.columns(6)
-cols[0].metric("Size", human_bytes(metrics["size_bytes"]), ratio_delta(ratios["size_x_smaller"], "smaller", "larger"),
+cols[0].metric("Size", human_bytes(metrics["size_bytes"]), **ratio_delta(ratios["size_x_smaller"], "smaller", "larger"),
                help=f"Original: {human_bytes(baseline['size_bytes'])}")
 cols[1].metric("Zipped size", human_bytes(metrics["zipped_bytes"]),
-               ratio_delta(ratios["zipped_x_smaller"], "smaller", "larger"), help=f"Original: {human_bytes(baseline['zipped_bytes'])}")
+               **ratio_delta(ratios["zipped_x_smaller"], "smaller", "larger"), help=f"Original: {human_bytes(baseline['zipped_bytes'])}")
 cols[2].metric("Nonzero params", human_count(metrics["nonzero_params"]),
-               ratio_delta(ratios["nonzero_x_fewer"], "fewer", "more"),
+               **ratio_delta(ratios["nonzero_x_fewer"], "fewer", "more"),
                help=f"of {metrics['params']:,} parameters; the original has {baseline['nonzero_params']:,} nonzero")
 cols[3].metric("Latency, batch 1", ms(metrics["latency_ms"]["p50"]),
-               ratio_delta(ratios["latency_x_faster"], "faster", "slower"), help=f"p50 over repeats. Original: {ms(baseline['latency_ms']['p50'])}; p95 {ms(metrics['latency_ms']['p95'])}")
-cols[4].metric("Throughput, batch 256", per_second(metrics["throughput_per_s"]),
-               ratio_delta(ratios["throughput_x"], "higher", "lower"),
-               help=f"Inputs per second at batch 256. Original: {per_second(baseline['throughput_per_s'])}")
+               **ratio_delta(ratios["latency_x_faster"], "faster", "slower"), help=f"p50 over repeats. Original: {ms(baseline['latency_ms']['p50'])}; p95 {ms(metrics['latency_ms']['p95'])}")
+cols[4].metric("Throughput", per_second(metrics["throughput_per_s"]),
+               **ratio_delta(ratios["throughput_x"], "higher", "lower"),
+               help=f"Inputs per second at batch {metrics['batch_latency_ms']['batch']}. Original: {per_second(baseline['throughput_per_s'])}")
 cols[5].metric(metrics["score_name"].capitalize(), f"{100 * metrics['score']:.2f}%",
                f"{100 * ratios['score_delta']:+.2f} points" if abs(ratios["score_delta"]) >= 5e-5 else None, help=f"Original: {100 * baseline['score']:.2f}%; "
                f"agreement with the original: {100 * metrics['fidelity']:.1f}%")
 
 notes = {m["name"]: m["effect_note"] for m in api.list_methods() if m["effect_note"]}
-for step in run["recipe"]["steps"]:
-    if step["method"] in notes:
-        st.caption(f"**{step['method']}**: {notes[step['method']]}")
+for name in dict.fromkeys(step["method"] for step in run["recipe"]["steps"]):  # each method once, in order
+    if name in notes:
+        st.caption(f"**{name}**: {notes[name]}")
 
 left, right = st.columns(2)
 with left:
@@ -78,7 +80,8 @@ with left:
 with right:
     st.markdown("**Among all runs of this model**")
     others = api.list_runs(db, run["model_id"], limit=500)
-    frame = runs_frame(others, baseline)
+    same_task = [other for other in others if other["recipe"]["task"] == run["recipe"]["task"]]
+    frame = runs_frame(same_task, baseline)
     st.altair_chart(tradeoff_chart(frame, "size_kb", highlight_link=run["share_path"]), width="stretch")
 
 st.markdown("**Numbers**")
@@ -99,6 +102,9 @@ recipe_col, download_col = st.columns([3, 2])
 with recipe_col:
     st.markdown("**Recipe** (copy it to run the same thing again)")
     st.code(json.dumps(run["recipe"], indent=2), language="json")
+    st.caption("From the command line:")
+    st.code(f"python -m services compress --model {run['model_id']} --recipe '{json.dumps(run['recipe'])}' --wait",
+            language="bash", wrap_lines=True)
 with download_col:
     st.markdown("**Compressed model**")
     try:

@@ -17,10 +17,10 @@ sys.path.insert(0, str(ROOT))
 RECIPES = {
     "prune.magnitude 0.5 (global)": [{"method": "prune.magnitude", "params": {"amount": 0.5}}],
     "prune.magnitude 0.9 (global)": [{"method": "prune.magnitude", "params": {"amount": 0.9}}],
-    "quantize.dynamic (default: Gemm/MatMul, per-channel)": [{"method": "quantize.dynamic", "params": {}}],
+    "quantize.dynamic (default: MatMul + Gather, per-channel)": [{"method": "quantize.dynamic", "params": {}}],
     "quantize.dynamic, per-tensor": [{"method": "quantize.dynamic", "params": {"per_channel": False}}],
     "quantize.dynamic with Conv too": [{"method": "quantize.dynamic",
-                                        "params": {"operators": ["Gemm", "MatMul", "Conv"]}}],
+                                        "params": {"operators": ["MatMul", "Conv"]}}],
     "prune 0.7 → quantize.dynamic": [{"method": "prune.magnitude", "params": {"amount": 0.7}},
                                      {"method": "quantize.dynamic", "params": {}}],
 }

@@ -17,12 +17,50 @@ from services.engine.registry import Param
 from services.errors import UserError
 
 RECOVERY_OBJECTIVES = ("none", "supervised", "distill", "contrastive", "masked", "momentum-contrast")
+RECOVERY_KEYS = {"objective", "steps", "unfreeze", "rounds", "aux", "label_budget", "selection"}
 # Objectives whose training is built; the others are accepted by the contract but refused for now.
 SUPPORTED_OBJECTIVES = ("none",)
 
 
+MAX_RECIPE_BYTES = 64 * 1024
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: a few hundred bytes of nested aliases expand to gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise UserError(f"The recipe uses a YAML alias (*{event.anchor}); write the values out instead.",
+                            field="recipe")
+        return super().compose_node(parent, index)
+
+
+def parse_recipe_text(text: str) -> dict:
+    """A recipe from JSON or YAML text. Never reads files: the web UI calls this with what a user pasted."""
+    if len(text.encode("utf-8", errors="replace")) > MAX_RECIPE_BYTES:
+        raise UserError(f"The recipe is larger than {MAX_RECIPE_BYTES // 1024} KB; a recipe is a few lines.",
+                        field="recipe")
+    try:
+        recipe = json.loads(text)
+    except json.JSONDecodeError as json_error:
+        json_problem = (f"The recipe is not valid JSON: {json_error.msg} at line {json_error.lineno}, "
+                        f"column {json_error.colno}.")
+        try:
+            recipe = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
+        except yaml.YAMLError:
+            raise UserError(json_problem, field="recipe") from None
+        if not isinstance(recipe, dict):
+            raise UserError(json_problem, field="recipe") from None
+    except ValueError as error:  # e.g. an integer with thousands of digits
+        raise UserError(f"The recipe has a value that is not a usable number ({error}).", field="recipe") from None
+    if not isinstance(recipe, dict):
+        raise UserError("A recipe must be an object with 'steps' (a list of methods).", field="recipe")
+    return recipe
+
+
 def load_recipe_text(text_or_path: str) -> dict:
-    """A recipe from inline JSON/YAML or from a file path."""
+    """A recipe from inline JSON/YAML or from a file path (the command line's --recipe)."""
     text = text_or_path
     candidate = Path(text_or_path)
     if not text_or_path.lstrip().startswith(("{", "[")) and len(text_or_path) < 4096:
@@ -31,6 +69,9 @@ def load_recipe_text(text_or_path: str) -> dict:
         except OSError:
             is_file = False
         if is_file:
+            if candidate.stat().st_size > MAX_RECIPE_BYTES:
+                raise UserError(f"The recipe file {text_or_path} is larger than {MAX_RECIPE_BYTES // 1024} KB.",
+                                field="recipe")
             try:
                 text = candidate.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as error:
@@ -39,22 +80,7 @@ def load_recipe_text(text_or_path: str) -> dict:
                                 field="recipe") from None
         elif "\n" not in text_or_path and text_or_path.endswith((".json", ".yaml", ".yml")):
             raise UserError(f"Recipe file not found: {text_or_path}", field="recipe")
-    try:
-        recipe = json.loads(text)
-    except json.JSONDecodeError as json_error:
-        try:
-            recipe = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise UserError(
-                f"The recipe is not valid JSON: {json_error.msg} at line {json_error.lineno}, "
-                f"column {json_error.colno}.", field="recipe") from None
-        if not isinstance(recipe, dict):
-            raise UserError(
-                f"The recipe is not valid JSON: {json_error.msg} at line {json_error.lineno}, "
-                f"column {json_error.colno}.", field="recipe") from None
-    if not isinstance(recipe, dict):
-        raise UserError("A recipe must be an object with 'steps' (a list of methods).", field="recipe")
-    return recipe
+    return parse_recipe_text(text)
 
 
 def _check_param(method_name: str, index: int, param: Param, value: Any) -> Any:
@@ -63,6 +89,8 @@ def _check_param(method_name: str, index: int, param: Param, value: Any) -> Any:
     if param.kind in ("float", "int"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where} must be a number, not {value!r}.", field=field)
+        if isinstance(value, int) and abs(value) > 2 ** 53:
+            raise UserError(f"{where} is far out of range; got a number with {len(str(value))} digits.", field=field)
         if param.kind == "int":
             if float(value) != int(value):
                 raise UserError(f"{where} must be a whole number, not {value!r}.", field=field)
@@ -125,6 +153,10 @@ def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
     for index, step in enumerate(steps):
         if not isinstance(step, dict) or "method" not in step:
             raise UserError(f"Step {index + 1} must be an object with a 'method'.", field=f"steps.{index}")
+        unknown_step_keys = sorted(set(step) - {"method", "params"})
+        if unknown_step_keys:
+            raise UserError(f"Step {index + 1} has an unknown key {unknown_step_keys[0]!r}; a step has 'method' "
+                            f"and 'params'.", field=f"steps.{index}")
         name = step["method"]
         if not isinstance(name, str):
             raise UserError(f"Step {index + 1}: 'method' must be a method name such as \"prune.magnitude\".",
@@ -155,6 +187,10 @@ def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
     recovery = recipe.get("recovery") or {"objective": "none"}
     if not isinstance(recovery, dict):
         raise UserError("'recovery' must be an object such as {\"objective\": \"none\"}.", field="recovery")
+    unknown_recovery_keys = sorted(set(recovery) - RECOVERY_KEYS)
+    if unknown_recovery_keys:
+        raise UserError(f"'recovery' has an unknown key {unknown_recovery_keys[0]!r}; known keys: "
+                        f"{', '.join(sorted(RECOVERY_KEYS))}.", field="recovery")
     objective = recovery.get("objective", "none")
     if objective not in RECOVERY_OBJECTIVES:
         raise UserError(f"Unknown recovery objective {objective!r}; choose one of "
@@ -163,6 +199,8 @@ def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
         raise UserError(f"Recovery objective {objective!r} is not available yet; use 'none'.",
                         field="recovery.objective")
     out = {"task": task, "steps": clean_steps, "recovery": {"objective": objective}}
-    if recipe.get("name"):
-        out["name"] = str(recipe["name"])[:100]
+    if recipe.get("name") is not None:
+        if not isinstance(recipe["name"], str):
+            raise UserError("The recipe's 'name' must be text.", field="name")
+        out["name"] = recipe["name"][:100]
     return out

@@ -22,7 +22,7 @@ ONNX_MODEL = {"id": "uploaded", "format": "onnx", "task": "fidelity"}
 TASKS = ["digits", "fidelity"]
 
 QUANTIZE_DEFAULTS = {"per_channel": True, "reduce_range": False, "weight_type": "int8",
-                     "operators": ["MatMul", "Gemm", "Gather"], "keep_float_nodes": []}
+                     "operators": ["MatMul", "Gather"], "keep_float_nodes": []}
 
 
 def _validate(recipe, model=TORCH_MODEL, tasks=TASKS):
@@ -51,14 +51,14 @@ def test_given_values_are_kept_and_normalised():
     clean = _validate({"task": "fidelity", "name": "n" * 300, "recovery": {"objective": "none"},
                        "steps": [{"method": "prune.magnitude", "params": {"amount": 0, "scope": "per_layer"}},
                                  {"method": "quantize.dynamic",
-                                  "params": {"operators": "Conv, Gemm", "keep_float_nodes": "/Gemm_1",
+                                  "params": {"operators": "Conv, MatMul", "keep_float_nodes": "/Gemm_1",
                                              "weight_type": "uint8", "per_channel": False}}]})
     assert clean["task"] == "fidelity"
     assert clean["name"] == "n" * 100
     prune, quantize = (step["params"] for step in clean["steps"])
     assert prune == {"amount": 0.0, "scope": "per_layer"}
     assert isinstance(prune["amount"], float)  # an int given for a float parameter is stored as a float
-    assert quantize["operators"] == ["Conv", "Gemm"]  # a comma list becomes a list
+    assert quantize["operators"] == ["Conv", "MatMul"]  # a comma list becomes a list
     assert quantize["keep_float_nodes"] == ["/Gemm_1"]
     assert quantize["weight_type"] == "uint8" and quantize["per_channel"] is False
 

@@ -8,6 +8,7 @@ AXES = {
     "size_kb": "Size of the ONNX file (KB)",
     "zipped_kb": "Zipped size (KB)",
     "p50_us": "Latency p50, batch 1 (µs)",
+    "latency_pct": "Latency p50, batch 1 (% of the original's, timed in the same job)",
 }
 
 

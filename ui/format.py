@@ -32,14 +32,32 @@ def ratio(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}×"
 
 
+def _value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "+".join(map(str, value)) or "none"
+    return str(value)
+
+
 def recipe_summary(recipe: dict) -> str:
-    """'prune.magnitude (amount 0.7) → quantize.dynamic': the steps in one line."""
+    """'prune.magnitude (amount 0.7) → quantize.dynamic (operators MatMul+Conv)': every step with the
+    parameters that differ from their defaults (the headline number always), and the name if any."""
+    from services.engine.methods import REGISTRY  # torch-free declarations
+
     parts = []
     for step in recipe.get("steps", []):
+        method = REGISTRY.get(step["method"])
         params = step.get("params", {})
-        headline = next((f"{k} {v:g}" for k, v in params.items() if isinstance(v, float)), "")
-        parts.append(f"{step['method']} ({headline})" if headline else step["method"])
-    return " → ".join(parts) or "(no steps)"
+        shown = []
+        for key, value in params.items():
+            declared = method.param(key) if method else None
+            headline = declared is not None and declared.kind == "float"
+            if headline or declared is None or value != declared.default:
+                shown.append(f"{key.replace('_', ' ')} {_value(value)}")
+        parts.append(f"{step['method']} ({', '.join(shown)})" if shown else step["method"])
+    summary = " → ".join(parts) or "(no steps)"
+    return f"{recipe['name']}: {summary}" if recipe.get("name") else summary
 
 
 STATUS_ICONS = {"queued": ":material/schedule:", "running": ":material/autorenew:",
@@ -51,12 +69,14 @@ def status_label(status: str) -> str:
     return f"{STATUS_ICONS.get(status, '')} **{status}**"
 
 
-def ratio_delta(value: float | None, better: str, worse: str) -> str | None:
-    """A metric delta that reads right: '2.10× smaller' (better, up) or '-4.20× slower' (worse,
-    down). The sign drives st.metric's arrow and colour; no delta within 2% of the original."""
+def ratio_delta(value: float | None, better: str, worse: str) -> dict:
+    """st.metric keyword arguments for a ratio to the original: '2.10× smaller' in green with an up
+    arrow, or '4.20× slower' in red with a down arrow; nothing within 2% of the original."""
     if value is None or abs(value - 1) < 0.02:
-        return None
-    return f"{value:.2f}× {better}" if value > 1 else f"-{1 / value:.2f}× {worse}"
+        return {"delta": None}
+    if value > 1:
+        return {"delta": f"{value:.2f}× {better}", "delta_color": "normal", "delta_arrow": "up"}
+    return {"delta": f"{1 / value:.2f}× {worse}", "delta_color": "inverse", "delta_arrow": "down"}
 
 
 def per_second(value: float) -> str:

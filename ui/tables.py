@@ -34,6 +34,8 @@ def _row(label: str, link: str, m: dict, b: dict, run: dict | None) -> dict:
         "p50_ms": m["latency_ms"]["p50"],
         "p95_ms": m["latency_ms"]["p95"],
         "p50_us": 1000 * m["latency_ms"]["p50"],
+        # relative to the original timed in the same job: comparable across jobs on a noisy machine
+        "latency_pct": 100.0 * m["latency_ms"]["p50"] / b["latency_ms"]["p50"],
         "speed_x": r["latency_x_faster"],
         "throughput": m["throughput_per_s"],
         "throughput_x": r["throughput_x"],
@@ -66,6 +68,7 @@ def column_config(st) -> dict:
         "p50_ms": cc.NumberColumn("Latency p50 (ms, batch 1)", format="%.4f"),
         "p95_ms": cc.NumberColumn("Latency p95 (ms)", format="%.4f"),
         "p50_us": None,
+        "latency_pct": None,
         "speed_x": cc.NumberColumn("× faster", format="%.2f×"),
         "throughput": cc.NumberColumn("Throughput (/s, batch 256)", format="%.0f"),
         "throughput_x": cc.NumberColumn("× throughput", format="%.2f×"),

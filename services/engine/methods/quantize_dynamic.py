@@ -1,12 +1,28 @@
 """Dynamic int8 quantization with ONNX Runtime's quantizer."""
 from services.engine.registry import Method, Param
 
-OPERATORS = ("MatMul", "Gemm", "Gather", "Conv")
+# ONNX Runtime's dynamic quantizer turns Gemm nodes into MatMul (+ Add) before quantizing, so
+# "MatMul" covers every linear layer; a separate "Gemm" choice would do nothing.
+OPERATORS = ("MatMul", "Gather", "Conv")
 
 
 def apply(onnx_in, onnx_out, params: dict, context) -> None:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    graph = onnx.load(str(onnx_in), load_external_data=False).graph
+    if any(t.name.endswith("_quantized") for t in graph.initializer):
+        raise context.user_error("This model is already quantized to int8; quantizing it again changes nothing "
+                                 "useful. Remove the second quantization step.")
+    nodes = {node.name: node.op_type for node in graph.node}
+    excluded = []
+    for name in params["keep_float_nodes"]:
+        if name not in nodes:
+            candidates = [n for n, op in nodes.items() if op in ("MatMul", "Gemm", "Conv", "Gather")][:6]
+            raise context.user_error(f"There is no node named {name!r} in this model; quantizable nodes include "
+                                     f"{', '.join(candidates)}.")
+        # The quantizer renames a Gemm to <name>_MatMul when it rewrites it; exclude it under that name.
+        excluded.append(f"{name}_MatMul" if nodes[name] == "Gemm" else name)
     quantize_dynamic(
         model_input=str(onnx_in),
         model_output=str(onnx_out),
@@ -14,8 +30,14 @@ def apply(onnx_in, onnx_out, params: dict, context) -> None:
         reduce_range=params["reduce_range"],
         weight_type=QuantType.QInt8 if params["weight_type"] == "int8" else QuantType.QUInt8,
         op_types_to_quantize=list(params["operators"]),
-        nodes_to_exclude=list(params["keep_float_nodes"]),
+        nodes_to_exclude=excluded,
     )
+    quantized = onnx.load(str(onnx_out), load_external_data=False).graph
+    if not any(t.name.endswith("_quantized") for t in quantized.initializer):
+        present = sorted({op for op in nodes.values() if op in ("MatMul", "Gemm", "Conv", "Gather")})
+        raise context.user_error(
+            f"No layer was quantized: the chosen operators ({', '.join(params['operators'])}) do not occur in this "
+            f"model outside the nodes kept in float. It has: {', '.join(present) or 'no quantizable operators'}.")
 
 
 METHOD = Method(
@@ -29,21 +51,22 @@ METHOD = Method(
     applies_to=("torch", "onnx"),
     params=(
         Param("per_channel", "bool", True,
-              "One scale per output channel instead of one per tensor: usually more accurate."),
+              "One scale per output channel instead of one per tensor: usually more accurate "
+              "(for MatMul weights; ONNX Runtime's dynamic Conv always uses one scale)."),
         Param("reduce_range", "bool", False,
               "Use 7-bit weights, which avoids overflow on some older CPUs at a small cost in accuracy."),
         Param("weight_type", "choice", "int8", "Signed or unsigned 8-bit weights.", choices=("int8", "uint8")),
         # Conv is left out by default: ONNX Runtime's ConvInteger with activations quantized on
-        # the fly ran 4-5x slower than float convolutions on the digits CNNs (bench/methods.py).
-        Param("operators", "multichoice", ["MatMul", "Gemm", "Gather"],
-              "Which kinds of operation to quantize; the others stay in float. Gather covers embedding tables "
-              "(half of a small transformer). Adding Conv shrinks a CNN further but usually makes it slower: "
-              "for convolutions, static quantization is the fast path.",
+        # the fly ran 4-9x slower than float convolutions on the digits CNNs (bench/methods.py).
+        Param("operators", "multichoice", ["MatMul", "Gather"],
+              "Which kinds of operation to quantize; the others stay in float. MatMul covers linear layers, "
+              "Gather covers embedding tables (half of a small transformer). Adding Conv shrinks a CNN further "
+              "but usually makes it slower: for convolutions, static quantization is the fast path.",
               choices=OPERATORS),
         Param("keep_float_nodes", "names", [],
               "Names of graph nodes to leave in float (for example a sensitive first or last layer)."),
     ),
     effect_note=("Quantized weights take 4x less space; the file shrinks less when some layers stay float. "
-                 "Speed depends on the operators: MatMul/Gemm gain on large models, Conv usually loses."),
+                 "Speed depends on the operators: MatMul gains on large models, Conv usually loses."),
     apply=apply,
 )
