@@ -9,6 +9,7 @@ st.set_page_config(page_title="Compression Explorer", page_icon=":material/compr
 pages = [
     st.Page("app_pages/models.py", title="Models", icon=":material/neurology:", default=True),  # served at /
     st.Page("app_pages/compress.py", title="Compress", icon=":material/compress:", url_path="compress"),
+    st.Page("app_pages/data.py", title="Data", icon=":material/dataset:", url_path="data"),
     st.Page("app_pages/jobs.py", title="Jobs", icon=":material/pending_actions:", url_path="jobs"),
     st.Page("app_pages/compare.py", title="Compare", icon=":material/insights:", url_path="compare"),
     st.Page("app_pages/result.py", title="Result", icon=":material/link:", url_path="result", visibility="hidden"),

@@ -78,10 +78,9 @@ with st.container(border=True):
     if add.button("Add step", type="secondary", width="stretch"):
         add_step(choice)
         st.rerun()
-    not_applicable = [n for n, m in methods.items() if n not in applicable]
-    if not_applicable:
-        st.caption("Not available for this model: " + ", ".join(
-            f"{n} (needs a {'/'.join(methods[n]['applies_to'])} model)" for n in not_applicable))
+    reasons = {m["name"]: m["reason"] for m in api.method_applicability(model) if not m["applies"]}
+    if reasons:
+        st.caption("Not available for this model: " + " ".join(f"**{n}** {r}" for n, r in reasons.items()))
 
 recipe = {"task": task, "steps": [{"method": s["method"], "params": s["params"]} for s in st.session_state.steps],
           "recovery": {"objective": "none"}}

@@ -9,6 +9,7 @@ import csv
 import html
 import io
 import json
+import os
 import sys
 
 from services.errors import UserError
@@ -29,6 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models").add_subparsers(dest="action", required=True, parser_class=_Parser)
     models.add_parser("list").add_argument("--json", action="store_true")
+    model_import = models.add_parser("import", help="import your own model: an .onnx file, a .zip or folder "
+                                                    "(ONNX, or a Hugging Face folder), or hf:OWNER/NAME")
+    model_import.add_argument("source")
+    model_import.add_argument("--name")
+    model_import.add_argument("--task")
+    model_import.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,…",
+                              help="fix the dynamic dimensions of an ONNX input (repeat for each input)")
+    model_import.add_argument("--dataset", help="score it on one of your data sets (see `data list`)")
+    model_import.add_argument("--json", action="store_true")
     prepare = models.add_parser("prepare")
     prepare.add_argument("id")
     prepare.add_argument("--wait", action="store_true")
@@ -64,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     runs_show.add_argument("id")
     runs_show.add_argument("--json", action="store_true")
 
+    data = sub.add_parser("data", help="the user's own data").add_subparsers(dest="action", required=True,
+                                                                             parser_class=_Parser)
+    data_import = data.add_parser("import", help="import a .csv (text,label), .npz (X, y) or .zip of WAV files")
+    data_import.add_argument("file")
+    data_import.add_argument("--name")
+    data_import.add_argument("--json", action="store_true")
+    data.add_parser("list").add_argument("--json", action="store_true")
+    data_show = data.add_parser("show")
+    data_show.add_argument("id")
+    data_show.add_argument("--json", action="store_true")
+
     report = sub.add_parser("report")
     report.add_argument("id")
     report.add_argument("--format", choices=("html", "json", "csv"), default="json")
@@ -81,8 +102,13 @@ def _print(value, as_json: bool) -> None:
 
 
 def _one_line(item: dict) -> str:
-    keys = ("id", "name", "kind", "status", "model_id", "message", "error", "share_path")
-    return "  ".join(f"{k}={item[k]}" for k in keys if item.get(k) not in (None, ""))
+    keys = ("id", "job_id", "run_id", "name", "kind", "status", "model_id", "message", "error", "share_path")
+    line = "  ".join(f"{k}={item[k]}" for k in keys if item.get(k) not in (None, ""))
+    if item.get("metrics") and item.get("baseline"):  # a run: say what it did
+        from services import api
+
+        line += "  " + api.summary_sentence(item["metrics"], item["baseline"])
+    return line
 
 
 def _report(run: dict, fmt: str) -> str:
@@ -109,6 +135,29 @@ def _report(run: dict, fmt: str) -> str:
             f"<pre>{html.escape(json.dumps(run['recipe'], indent=2))}</pre></body></html>")
 
 
+def _import_model(db, args, as_json: bool) -> int:
+    """Check and store the upload, then wait for its import job: exit 2 with the job's reason when the
+    model itself is at fault (the ONNX checker refused it, a dimension was left dynamic, ...)."""
+    from services import api
+
+    queued = api.import_model(db, args.source, name=args.name, task=args.task, input_shapes=args.input_shape,
+                              dataset_id=args.dataset)
+    job = api.wait_for_job(db, queued["job_id"])
+    if job["status"] != "succeeded":
+        return _job_failed(job)
+    _print(api.get_model(db, queued["model_id"]), as_json)
+    return 0
+
+
+def _job_failed(job: dict) -> int:
+    """One line on stderr; exit 1 for a fault of ours (the engine raised, the process died),
+    2 for what the user can fix or chose (a model the checker refused, a cancelled job)."""
+    reason = " ".join(str(job.get("error") or job["message"]).split())
+    print(f"error: job {job['id']} {job['status']}: {reason}", file=sys.stderr)
+    internal = reason.startswith(("The job failed inside the engine", "The job's process"))
+    return 1 if internal else 2
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "worker":
@@ -122,6 +171,8 @@ def main(argv=None) -> int:
     as_json = getattr(args, "json", False)
     if args.command == "models" and args.action == "list":
         _print(api.list_models(db), as_json)
+    elif args.command == "models" and args.action == "import":
+        return _import_model(db, args, as_json)
     elif args.command == "models" and args.action == "prepare":
         job_id = api.prepare_model(db, args.id)
         if job_id and args.wait:
@@ -133,11 +184,9 @@ def main(argv=None) -> int:
         submitted = api.submit_compress(db, args.model, args.recipe)
         if args.wait:
             job = api.wait_for_job(db, submitted["job_id"])
-            run = api.get_run(db, submitted["run_id"])
-            _print(run, as_json)
             if job["status"] != "succeeded":
-                print(f"error: job {job['id']} {job['status']}: {job.get('error') or job['message']}", file=sys.stderr)
-                return 1
+                return _job_failed(job)
+            _print(api.get_run(db, submitted["run_id"]), as_json)
         else:
             _print(submitted, as_json)
     elif args.command == "jobs" and args.action == "list":
@@ -150,6 +199,12 @@ def main(argv=None) -> int:
         _print(api.list_runs(db, args.model, args.limit, args.offset), as_json)
     elif args.command == "runs" and args.action == "show":
         _print(api.get_run(db, args.id), as_json)
+    elif args.command == "data" and args.action == "import":
+        _print(api.import_dataset_file(db, args.file, args.name), as_json)
+    elif args.command == "data" and args.action == "list":
+        _print(api.list_datasets(db), as_json)
+    elif args.command == "data" and args.action == "show":
+        _print(api.get_dataset(db, args.id), as_json)
     elif args.command == "report":
         print(_report(api.get_run(db, args.id), args.format))
     return 0
@@ -163,3 +218,6 @@ if __name__ == "__main__":
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:  # `... | head` closed the pipe: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

@@ -6,7 +6,11 @@ tests pass a fresh one and the pages pass a cached connection.
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import time
+from pathlib import Path
 
 from services.catalog import BUILTIN_MODELS, MODEL_TASKS, TASKS
 from services.engine.methods import REGISTRY
@@ -39,7 +43,8 @@ def ensure_builtin_models(db) -> None:
 def _model_record(row: dict) -> dict:
     row = dict(row)
     row["card"] = json.loads(row["card"]) if row.get("card") else None
-    row["tasks"] = MODEL_TASKS.get(row["id"], [row["task"], "fidelity"])
+    row["meta"] = json.loads(row["meta"]) if row.get("meta") else None
+    row["tasks"] = list(dict.fromkeys(MODEL_TASKS.get(row["id"], [row["task"], "fidelity"])))
     return row
 
 
@@ -60,11 +65,141 @@ def prepare_model(db, model_id: str) -> str | None:
     model = get_model(db, model_id)
     if model["status"] == "ready":
         return None
-    active = list(db.query("SELECT id FROM jobs WHERE model_id = ? AND kind = 'prepare' AND status IN "
-                           "('queued', 'running') LIMIT 1", [model_id]))
-    if active:
-        return active[0]["id"]
-    return q.enqueue(db, "prepare", model_id, {"model_id": model_id})
+    with q.immediate(db):  # check and insert at once: two pages opened together queue one job
+        active = list(db.query("SELECT id FROM jobs WHERE model_id = ? AND kind = 'prepare' AND status IN "
+                               "('queued', 'running') LIMIT 1", [model_id]))
+        if active:
+            return active[0]["id"]
+        return q.enqueue(db, "prepare", model_id, {"model_id": model_id})
+
+
+# ---- the user's own models -----------------------------------------------------------------
+# Cheap checks here (size, zip safety, file kinds, ONNX inputs read from the wire format); the
+# ONNX checker, ONNX Runtime and transformers run in the import job, never in this process.
+
+def import_model(db, source, filename: str | None = None, name: str | None = None, task: str | None = None,
+                 input_shapes=None, dataset_id: str | None = None) -> dict:
+    """Store an upload under uploads/<model id>/, add its model row and queue its import job.
+
+    source: the uploaded bytes (give filename), a path to an .onnx file, a .zip or a model folder,
+    or 'hf:OWNER/NAME'. A refusal raises UserError and leaves no row and no file behind.
+    """
+    from services import imports
+
+    home = Path(db.home)
+    shapes = imports.parse_input_shapes(input_shapes)
+    dataset = _dataset_for_import(db, dataset_id) if dataset_id else None
+    staging = None
+    try:
+        if isinstance(source, str) and source.strip().startswith("hf:"):
+            repo = imports.parse_hf_source(source.strip())
+            if imports.hub_offline() and not imports.hf_cached(home, repo):
+                raise UserError(imports.no_hub_sentence(repo), field="source")
+            meta = {"kind": "hf", "hf_repo": repo, "source": f"hf:{repo}"}
+            default_name, description = repo.split("/")[1], f"{repo}, fetched from the Hugging Face Hub."
+        else:
+            staging = imports.new_staging_dir(home)
+            meta, default_name, description = imports.stage_upload(source, filename, staging, shapes)
+        if meta["kind"] == "hf" and shapes:
+            raise UserError("Input shapes apply to ONNX models; a Hugging Face model is fed tokenized text.",
+                            field="input_shapes")
+        meta["input_shapes"] = shapes
+        task = _import_task(task, meta["kind"], dataset)
+        model_id = _new_model_id(db, (name or "").strip() or default_name)
+        if staging is not None:
+            final = home / "uploads" / model_id
+            os.replace(staging, final)  # the upload appears whole or not at all
+            staging = final
+            meta["folder"] = f"uploads/{model_id}"
+        if dataset:
+            meta["dataset"] = dataset
+        job_id = _insert_upload(db, model_id, ((name or "").strip() or default_name)[:100], task, description,
+                                meta, dataset_id)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"model_id": model_id, "job_id": job_id, "status": "queued"}
+
+
+def _dataset_for_import(db, dataset_id: str) -> dict:
+    rows = list(db.query("SELECT * FROM datasets WHERE id = ?", [dataset_id]))
+    if not rows:
+        raise UserError(f"Unknown data set {dataset_id!r}.", field="dataset")
+    row = rows[0]
+    return {"id": row["id"], "name": row["name"], "kind": row["kind"], "has_labels": bool(row["has_labels"]),
+            "path": row["path"]}
+
+
+def _import_task(task: str | None, kind: str, dataset: dict | None) -> str:
+    from services import imports
+
+    labelled = bool(dataset and dataset["has_labels"])
+    if dataset and kind != "onnx":
+        raise UserError("A data set can be attached to an ONNX model only; a Hugging Face model is scored on a "
+                        "fixed text set.", field="dataset")
+    if not task:
+        return "your-data" if labelled else "fidelity"
+    if task not in imports.UPLOAD_TASKS:
+        raise UserError(f"An uploaded model can be scored on {', '.join(imports.UPLOAD_TASKS)}, not {task!r}.",
+                        field="task")
+    if task == "your-data" and not labelled:
+        raise UserError("Task 'your-data' scores the model against the labels of an attached data set; attach a "
+                        "data set with labels, or use 'fidelity'.", field="task")
+    if kind == "hf" and task != "fidelity":
+        raise UserError(f"A Hugging Face upload is scored on 'fidelity' (agreement with the original on a fixed "
+                        f"text set); {task!r} needs the built-in model's own inputs.", field="task")
+    return task
+
+
+def _new_model_id(db, name: str) -> str:
+    import secrets
+
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40].strip("-") or "model"
+    while True:
+        model_id = f"{slug}-{secrets.token_hex(3)}"
+        if model_id not in BUILTIN_MODELS and not list(db.query("SELECT 1 FROM models WHERE id = ?", [model_id])):
+            return model_id
+
+
+def _insert_upload(db, model_id: str, name: str, task: str, description: str, meta: dict,
+                   dataset_id: str | None) -> str:
+    """The model row and its import job in one transaction: both or neither."""
+    now = utcnow()
+    job_id = q.new_id()
+    fmt = "torch" if meta["kind"] == "hf" else "onnx"
+    with q.immediate(db):  # raw SQL: sqlite-utils' insert would commit this transaction early
+        db.execute(
+            """INSERT INTO models (id, name, source, format, task, description, status, meta, dataset_id,
+                                   created_at, updated_at)
+               VALUES (?, ?, 'upload', ?, ?, ?, 'new', ?, ?, ?, ?)""",
+            [model_id, name, fmt, task, description, json.dumps(meta), dataset_id, now, now])
+        db.execute(
+            """INSERT INTO jobs (id, kind, model_id, payload, status, attempts, max_attempts, created_at)
+               VALUES (?, 'prepare', ?, ?, 'queued', 0, 3, ?)""",
+            [job_id, model_id, json.dumps({"model_id": model_id}), now])
+    return job_id
+
+
+def onnx_inputs(data: bytes, filename: str) -> list[dict]:
+    """The inputs of an ONNX file as its graph declares them (for the upload form; no onnx import)."""
+    from services import imports
+
+    summary = imports.read_onnx_summary(data, filename)
+    return [{"name": i.name, "type": i.elem_type, "shape": i.dims} for i in summary.inputs]
+
+
+def method_applicability(model: dict) -> list[dict]:
+    """Every registered method, whether it applies to this model and, when not, why (a sentence)."""
+    from services import imports
+
+    return imports.method_applicability(model["format"])
+
+
+def max_upload_mb() -> int:
+    from services import imports
+
+    return imports.max_upload_mb()
 
 
 # ---- methods and recipes ------------------------------------------------------------------
@@ -95,7 +230,13 @@ def submit_compress(db, model_id: str, recipe) -> dict:
 
 # ---- jobs ---------------------------------------------------------------------------------
 
+def _check_page(limit: int, offset: int) -> None:
+    if limit < 1 or offset < 0:
+        raise UserError(f"--limit must be at least 1 and --offset at least 0; got {limit} and {offset}.")
+
+
 def list_jobs(db, status: str | None = None, limit: int = 100, offset: int = 0, model_id: str | None = None):
+    _check_page(limit, offset)
     if status and status not in (*q.ACTIVE, *q.FINISHED):
         raise UserError(f"Unknown status {status!r}; use one of {', '.join((*q.ACTIVE, *q.FINISHED))}.")
     return q.list_jobs(db, status=status, limit=limit, offset=offset, model_id=model_id)
@@ -147,7 +288,7 @@ def wait_for_job(db, job_id: str, timeout_s: float = 600.0) -> dict:
 
 # ---- runs ---------------------------------------------------------------------------------
 
-def _run_record(row: dict) -> dict:
+def _run_record(row: dict, home) -> dict:
     return {
         "id": row["id"],
         "status": "succeeded",
@@ -157,27 +298,28 @@ def _run_record(row: dict) -> dict:
         "metrics": json.loads(row["metrics"]),
         "baseline": json.loads(row["baseline"]),
         "runner": json.loads(row["runner"]),
-        "artifact": row["artifact"],
+        "artifact": str(Path(home) / row["artifact"]),  # absolute: scripts may run from anywhere
         "created_at": row["created_at"],
         "share_path": f"/result?id={row['id']}",
     }
 
 
 def list_runs(db, model_id: str | None = None, limit: int = 100, offset: int = 0) -> list[dict]:
+    _check_page(limit, offset)
     if model_id:
         get_model(db, model_id)
         rows = db.query("SELECT * FROM runs WHERE model_id = ? ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
                         [model_id, limit, offset])
     else:
         rows = db.query("SELECT * FROM runs ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?", [limit, offset])
-    return [_run_record(r) for r in rows]
+    return [_run_record(r, db.home) for r in rows]
 
 
 def get_run(db, run_id: str) -> dict:
     """A run's record; for a run still being made, its job's status and no metrics yet."""
     rows = list(db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
     if rows:
-        return _run_record(rows[0])
+        return _run_record(rows[0], db.home)
     jobs = list(db.query("SELECT * FROM jobs WHERE run_id = ?", [run_id]))
     if not jobs:
         raise UserError(f"Unknown run {run_id!r}.", field="run")
@@ -224,3 +366,33 @@ def _times(ratio: float, better: str, worse: str, same: str) -> str:
     if abs(ratio - 1) < 0.05:
         return same
     return f"{ratio:.1f}x {better}" if ratio > 1 else f"{1 / ratio:.1f}x {worse}"
+
+
+# ---- the user's own data ------------------------------------------------------------------
+# Parsing, validation and the storage layout live in services/datasets.py (numpy and the standard
+# library only); these stay thin so that the UI and the CLI call one place.
+
+def import_dataset(db, filename: str, data: bytes, name: str | None = None) -> dict:
+    """Validate an uploaded CSV, NPZ or zip of WAV files and store it; a UserError names what is wrong."""
+    from services import datasets
+
+    return datasets.import_dataset(db, filename, data, name)
+
+
+def import_dataset_file(db, path, name: str | None = None) -> dict:
+    """The CLI's way in: the file's size is checked before it is read."""
+    from services import datasets
+
+    return datasets.import_dataset(db, str(path), datasets.read_upload_file(path), name)
+
+
+def list_datasets(db) -> list[dict]:
+    from services import datasets
+
+    return datasets.list_datasets(db)
+
+
+def get_dataset(db, dataset_id: str) -> dict:
+    from services import datasets
+
+    return datasets.get_dataset(db, dataset_id)

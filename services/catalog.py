@@ -41,6 +41,11 @@ TASKS = {
         "description": "A paragraph of Python's help text must find the paragraph that follows it among "
                        "256 candidates; score = share found first (recall@1), MRR beside it.",
     },
+    "your-data": {
+        "score_name": "accuracy",
+        "description": "Your attached data set: share of samples whose top answer matches its label (y); "
+                       "fidelity to the original is shown beside it.",
+    },
     "fidelity": {
         "score_name": "fidelity",
         "description": "Agreement with the original model: the same top-1 answer for classifiers, cosine "

@@ -23,6 +23,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 class Outcome:
     result: dict | None
     reason: str | None  # why it failed, in plain words (None when it succeeded)
+    model_update: dict | None = None  # for a failure that leaves the model unusable
 
 
 def _die_with_parent() -> None:
@@ -36,8 +37,14 @@ def _die_with_parent() -> None:
 class LocalJobHandle:
     def __init__(self, job: dict, home: Path, log_path: Path):
         read_fd, write_fd = os.pipe()
+        threads = os.environ.get("EXPLORER_TORCH_THREADS", "1")
         env = {**os.environ, "EXPLORER_HOME": str(home), "EXPLORER_EVENT_FD": str(write_fd),
-               "PYTHONUNBUFFERED": "1"}
+               "PYTHONUNBUFFERED": "1",
+               # Small models train fastest on one thread, and a job must not oversubscribe the cores
+               # that the web process, other workers and the timing runs share (torch reads these).
+               "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+               # Libraries' caches (ONNX Runtime writes one on import) stay inside the data folder.
+               "XDG_CACHE_HOME": str(Path(home) / "cache"), "HF_HOME": str(Path(home) / "cache" / "huggingface")}
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.process = subprocess.Popen(
@@ -48,6 +55,7 @@ class LocalJobHandle:
         self._events: queue.Queue = queue.Queue()
         self._result: dict | None = None
         self._reason: str | None = None
+        self._model_update: dict | None = None
         self.cancelled = False
         self._reader = threading.Thread(target=self._read_events, args=(read_fd,), daemon=True)
         self._reader.start()
@@ -63,6 +71,7 @@ class LocalJobHandle:
                     self._result = event["result"]
                 elif event.get("type") == "error":
                     self._reason = event["reason"]
+                    self._model_update = event.get("model_update")
                 else:
                     self._events.put(event)
 
@@ -106,7 +115,7 @@ class LocalJobHandle:
         if code == 0 and self._result is not None:
             return Outcome(self._result, None)
         if self._reason:
-            return Outcome(None, self._reason)
+            return Outcome(None, self._reason, self._model_update)
         if code < 0:
             name = signal.Signals(-code).name
             hint = " (the system may have run out of memory)" if -code == signal.SIGKILL else ""

@@ -12,6 +12,7 @@ import os
 import platform
 import secrets
 import signal
+import sys
 import time
 
 from storage import open_db
@@ -59,6 +60,17 @@ class Worker:
         """Run one job this worker holds; returns its final status."""
         log.info("job %s (%s) attempt %s", job["id"], job["kind"], job["attempts"])
         handle = self.executor.start(job)
+        try:
+            return self._supervise(job, handle)
+        except KeyboardInterrupt:
+            # Ctrl-C on `compress --wait` working inline: stop the work and give the job back.
+            handle.cancel()
+            q.release(self.db, job["id"], self.id)
+            print(f"interrupted: job {job['id']} is back in the queue "
+                  f"(`python -m services jobs cancel {job['id']}` cancels it)", file=sys.stderr)
+            raise
+
+    def _supervise(self, job: dict, handle) -> str:
         next_beat = 0.0
         while not handle.finished():
             self._forward_progress(job, handle)
@@ -80,9 +92,13 @@ class Worker:
         self._forward_progress(job, handle)
         outcome = handle.outcome()
         if outcome.reason is not None:
-            if q.fail(self.db, job["id"], self.id, outcome.reason) and job["kind"] == "prepare":
-                self.db.execute("UPDATE models SET status = 'failed', error = ?, updated_at = ? WHERE id = ?",
-                                [outcome.reason, q.utcnow(), job["model_id"]])
+            if q.fail(self.db, job["id"], self.id, outcome.reason):
+                if outcome.model_update:
+                    self.db.execute("UPDATE models SET status = ?, updated_at = ? WHERE id = ?",
+                                    [outcome.model_update["status"], q.utcnow(), job["model_id"]])
+                elif job["kind"] == "prepare":
+                    self.db.execute("UPDATE models SET status = 'failed', error = ?, updated_at = ? WHERE id = ?",
+                                    [outcome.reason, q.utcnow(), job["model_id"]])
             return "failed"
         self._store_result(job, outcome.result)
         return "succeeded"

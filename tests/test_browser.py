@@ -201,7 +201,7 @@ def test_submit_watch_and_share_in_a_real_browser(ui_browser, ui_server, tmp_pat
         expect(viewer.get_by_role("button", name=re.compile(r"Download ONNX"))).to_be_visible()
         summary = viewer.get_by_role("heading", name=re.compile(r"smaller|faster"))
         expect(summary).to_be_visible()
-        expect(viewer.locator('[data-testid="stCode"]').filter(has_text='"method": "prune.magnitude"')).to_be_visible()
+        expect(viewer.locator('[data-testid="stCode"]').filter(has_text='"method": "prune.magnitude"').first).to_be_visible()
         expect(viewer.get_by_text(run_id).first).to_be_attached()  # the share box repeats the link
         _shot(viewer, tmp_path, "result.png")
 

@@ -296,3 +296,27 @@ def test_other_user_errors_exit_2_with_one_line(home, args, problem):
     assert len(lines) == 1 and lines[0].startswith("error: ") and problem in lines[0], done.stderr
     assert "Traceback" not in done.stderr
     assert _job_rows(home) == 0
+
+
+def test_compress_wait_on_a_job_that_fails_for_a_user_reason_exits_2_with_one_line(prepared_home):
+    weights = prepared_home / "artifacts" / "models" / "digits-cnn" / "weights.pt"
+    weights.write_bytes(b"not a state dict" * 100)
+    done = run_cli("compress", "--model", "digits-cnn", "--recipe", json.dumps(PRUNE_80), "--wait", "--json",
+                   home=prepared_home)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "failed" in lines[0] and "prepare it again" in lines[0]
+    assert done.stdout == ""  # no run record for a run that does not exist
+
+
+@pytest.mark.parametrize("args", [["jobs", "list", "--limit", "0"], ["runs", "list", "--offset", "-5"]])
+def test_paging_flags_out_of_range_are_refused(home, args):
+    done = run_cli(*args, "--json", home=home)
+    assert done.returncode == 2 and "--limit must be at least 1" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_runs_show_in_text_says_what_the_run_did(cli_runs):
+    done = run_cli("runs", "show", cli_runs.quantized["id"], home=cli_runs.home)
+    assert done.returncode == 0
+    assert "smaller" in done.stdout and "accuracy" in done.stdout

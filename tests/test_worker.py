@@ -136,10 +136,15 @@ def test_a_failing_job_is_failed_with_a_reason_and_the_worker_serves_the_next(pr
     # The traceback, if any, belongs in the attempt's log, not in the reason shown to the user.
     assert (prepared_home / "artifacts" / "jobs" / broken["job_id"] / "attempt-1.log").is_file()
 
+    assert "prepare it again" in error  # the model was reset, so the Models page offers to prepare it
+
     served = _wait_finished(db, fine["job_id"])
     assert served["status"] == "succeeded", served.get("error")
     assert len(_runs_of(db, fine["job_id"])) == 1
     assert worker.poll() is None
+    # The next job found the model reset and prepared it again: usable weights, a ready card.
+    assert api.get_model(db, "digits-cnn")["status"] == "ready"
+    assert weights.stat().st_size > 10_000
 
 
 def test_a_child_killed_by_sigkill_fails_the_job_naming_the_signal(prepared_db, prepared_home, workers):

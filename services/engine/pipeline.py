@@ -7,6 +7,7 @@ Functions here return plain dicts; the worker stores them. Nothing here writes t
 from __future__ import annotations
 
 import platform
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from services.engine import measure, tasks, zoo
 from services.engine.export import export_onnx
 from services.engine.methods import REGISTRY
 from services.engine.tasks.base import EvalSet
-from services.errors import UserError
+from services.errors import StaleModelError, UserError
 from storage.artifacts import ArtifactStore
 
 Progress = Callable[[float, str], None]
@@ -44,13 +45,18 @@ def _weights_path(store: ArtifactStore, model_id: str) -> Path:
 
 def prepare(store: ArtifactStore, model: dict, progress: Progress) -> dict:
     """Train (or load from its package) a built-in model, export it, and compute its card."""
+    if model.get("source") == "upload":  # the user's own model: checked, loaded and measured by imported.py
+        from services.engine import imported
+
+        return imported.prepare(store, model, progress)
     model_id = model["id"]
     if model_id not in BUILTIN_MODELS:
         raise UserError(f"Model {model_id} cannot be prepared: it is not a built-in model.")
     adapter = zoo.get_adapter(model_id)
     progress(0.05, f"creating {model_id} (first use only)")
     net = adapter.create(progress)
-    scratch = store.scratch_dir("models", model_id, "tmp")
+    # A folder of its own: two workers preparing the same model must not clean up each other's files.
+    scratch = store.scratch_dir("models", model_id, f"tmp-{secrets.token_hex(4)}")
     adapter.save(net, scratch / "weights.pt")
     store.put_file(scratch / "weights.pt", "models", model_id, "weights.pt")
     progress(0.7, "exporting to ONNX")
@@ -81,12 +87,20 @@ def measure_model(path: Path, task: str, model_id: str, output_kind: str, evalua
     return metrics
 
 
-def _load_torch_model(store: ArtifactStore, model_id: str) -> torch.nn.Module:
+def _adapter_for(store: ArtifactStore, model: dict):
+    if model.get("source") == "upload":  # built from the upload's folder and meta
+        from services.engine import imported
+
+        return imported.adapter_for(store, model)
+    return zoo.get_adapter(model["id"])
+
+
+def _load_torch_model(store: ArtifactStore, model_id: str, adapter=None) -> torch.nn.Module:
     try:
-        return zoo.get_adapter(model_id).load(_weights_path(store, model_id))
+        return (adapter or zoo.get_adapter(model_id)).load(_weights_path(store, model_id))
     except Exception as error:  # missing, truncated, garbage or not a state dict: all the same to a user
-        raise UserError(f"The stored weights of {model_id} are missing or unreadable ({type(error).__name__}); "
-                        f"open the Models page to prepare it again.") from None
+        raise StaleModelError(f"The stored weights of {model_id} are missing or unreadable ({type(error).__name__}); "
+                              f"the model was reset: prepare it again on the Models page.") from None
 
 
 def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progress: Progress) -> dict:
@@ -96,7 +110,7 @@ def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progr
         prepared = prepare(store, model, lambda f, m: progress(f * 0.3, m))
         result.update(prepared)
         model = {**model, **prepared["model_update"]}
-    adapter = zoo.get_adapter(model["id"])
+    adapter = _adapter_for(store, model)
     baseline_path = store.resolve(model["artifact"])
     scratch = store.scratch_dir("runs", run_id, "tmp")
     context = StepContext(model_id=model["id"], scratch=scratch, progress=progress)
@@ -106,7 +120,7 @@ def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progr
 
     current = baseline_path
     if torch_steps:
-        net = _load_torch_model(store, model["id"])
+        net = _load_torch_model(store, model["id"], adapter)
         for index, step in enumerate(torch_steps):
             progress(0.3 + 0.3 * index / total, f"step {index + 1}/{total}: {step['method']}")
             REGISTRY[step["method"]].apply(net, step["params"], context)
@@ -121,7 +135,7 @@ def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progr
     final = store.put_file(current, "runs", run_id, "model.onnx")
     shutil.rmtree(scratch, ignore_errors=True)
     progress(0.65, "timing the original and the compressed model with ONNX Runtime")
-    evaluation = tasks.eval_set(recipe["task"], model["id"])
+    evaluation = tasks.eval_set_for(recipe["task"], model, store.home)
     base_latency, run_latency = measure.measure_latency([baseline_path, final], evaluation)
     progress(0.85, f"scoring on {recipe['task']}")
     kind, task = adapter.output_kind, recipe["task"]

@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 
-from services.errors import UserError
+from services.errors import StaleModelError, UserError
 
 
 def _emitter():
@@ -28,11 +28,8 @@ def _emitter():
 def main(job_id: str) -> int:
     emit = _emitter()
     try:
-        import torch
-
-        # Small models train fastest on one thread, and a job must not oversubscribe the cores
-        # that the web process, other workers and the timing runs share.
-        torch.set_num_threads(int(os.environ.get("EXPLORER_TORCH_THREADS", "1")))
+        # torch is imported only by the jobs that need it (an ONNX upload does not); the worker sets
+        # OMP_NUM_THREADS for it.
         from storage import ArtifactStore, open_db
         from storage.queue import get_job
         from services.engine import pipeline
@@ -55,6 +52,9 @@ def main(job_id: str) -> int:
             raise UserError(f"Unknown job kind {job['kind']!r}.")
         emit({"type": "result", "result": result})
         return 0
+    except StaleModelError as error:
+        emit({"type": "error", "reason": str(error), "model_update": {"status": "new"}})
+        return 3
     except UserError as error:
         emit({"type": "error", "reason": str(error)})
         return 3

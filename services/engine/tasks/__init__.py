@@ -20,6 +20,7 @@ TASK_MODULES = {
     "pydoc-retrieval": "services.engine.tasks.pydoc_retrieval",
     "spoken-digits": "services.engine.tasks.speech",
     "speaker-id": "services.engine.tasks.speech",
+    "your-data": "services.engine.tasks.uploaded",  # an uploaded model scored on the user's labelled data
 }
 
 
@@ -35,6 +36,17 @@ def data_task(task: str, model_id: str) -> str:
 def eval_set(task: str, model_id: str) -> EvalSet:
     source = data_task(task, model_id)
     return _module(source).eval_set(source)
+
+
+# ---- the user's own models: their eval set comes from the model row's meta, not from the catalog
+
+def eval_set_for(task: str, model: dict, home) -> EvalSet:
+    """The eval set of any model row: built-in models by id, uploaded ones from their meta."""
+    if model.get("source") == "upload":
+        from services.engine.tasks import uploaded
+
+        return uploaded.eval_set(task, model, home)
+    return eval_set(task, model["id"])
 
 
 def fidelity(outputs: np.ndarray, reference: np.ndarray, output_kind: str) -> dict:

@@ -1,0 +1,190 @@
+"""A Hugging Face model folder (uploaded, or fetched from the Hub into EXPLORER_HOME/hf-cache) turned
+into a sentence encoder: safetensors weights only, transformers' AutoModel from the local folder
+with trust_remote_code=False, the last hidden state mean-pooled over real tokens, exported to ONNX
+with a dynamic batch and sequence.
+
+A pickle checkpoint (pytorch_model.bin) is read only with torch.load(weights_only=True), which
+refuses anything but tensors and plain containers, then rewritten as safetensors and deleted.
+Runs in the import job's child process; nothing here runs code from the upload.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from services import imports
+from services.engine.families.base import ModelAdapter, Progress
+from services.engine.tasks import uploaded
+from services.errors import UserError
+
+# What is fetched from the Hub: configuration, safetensors weights and tokenizer files; never code
+# and never pickles.
+HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
+                "merges.txt", "*.model"]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    line = next((t.strip() for t in text if t.strip()), type(error).__name__)
+    return line[:300].rstrip(".")
+
+
+def import_folder(folder: Path, meta: dict, onnx_path: Path, label: str, progress: Progress) -> Path:
+    """Safetensors check, AutoModel, mean pooling, ONNX export; records input names and vocabulary size."""
+    from services.engine.export import export_onnx
+
+    progress(0.1, "checking the weights (safetensors only)")
+    ensure_safetensors(folder, label)
+    progress(0.2, "loading it with transformers (no code from the upload runs)")
+    encoder = load_auto_model(folder)
+    config = encoder.config
+    meta["input_names"] = _input_names(encoder, folder)
+    meta["vocab_size"] = int(getattr(config, "vocab_size", 0) or encoder.get_input_embeddings().num_embeddings)
+    meta["model_type"] = config.model_type
+    adapter = HFUploadAdapter(folder, meta["input_names"], meta["vocab_size"])
+    progress(0.45, "exporting to ONNX (dynamic batch and sequence)")
+    net = MeanPooled(encoder, meta["input_names"]).eval()
+    try:
+        export_onnx(net, adapter, onnx_path)
+    except Exception as error:
+        raise UserError(f"The {config.model_type} model could not be exported to ONNX: {_first_line(error)}.") from None
+    return onnx_path
+
+
+def fetch_from_hub(home: Path, repo: str) -> Path:
+    """snapshot_download into EXPLORER_HOME/hf-cache (HF_HUB_OFFLINE respected: then the cache only)."""
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo_id=repo, cache_dir=str(imports.hf_cache_dir(home)),
+                                      allow_patterns=HUB_PATTERNS))
+    except hub_errors.GatedRepoError:
+        raise UserError(f"{repo} is gated on the Hugging Face Hub (it needs an accepted licence and a token); "
+                        f"upload the model folder as a zip instead.") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise UserError(f"There is no model {repo} on the Hugging Face Hub (or it is private).") from None
+    except hub_errors.HfHubHTTPError as error:
+        raise UserError(f"The Hugging Face Hub refused to send {repo}: {_first_line(error)}.") from None
+    except OSError:  # offline mode without a cached copy, no network, DNS, refused connection
+        raise UserError(imports.no_hub_sentence(repo)) from None
+    names = [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+    imports.classify(names, f"hf:{repo}")  # config.json and safetensors weights, as for an upload
+    return path
+
+
+def ensure_safetensors(folder: Path, label: str) -> None:
+    """Safetensors only. A pickle checkpoint is read with weights_only=True (which refuses anything
+    but tensors and plain containers, so no code runs), rewritten as safetensors and deleted."""
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if any(folder.glob("*.safetensors")):
+        for path in bins:
+            path.unlink()  # never loaded: the safetensors weights are used
+        return
+    if not bins:
+        raise UserError(f"{label} has no model.safetensors weights; save the model with "
+                        f"save_pretrained(..., safe_serialization=True).")
+    from safetensors.torch import save_file
+
+    state = {}
+    for path in bins:
+        try:
+            part = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception:
+            raise UserError(f"{path.name} is a pickle checkpoint that does not load with weights_only=True (loading "
+                            f"it could run code), so it was refused; save the model with safetensors "
+                            f"(save_pretrained(..., safe_serialization=True)) and upload that.") from None
+        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+            raise UserError(f"{path.name} is not a state dict of tensors; save the model with safetensors.")
+        state.update(part)
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    for path in bins:
+        path.unlink()
+    (folder / "pytorch_model.bin.index.json").unlink(missing_ok=True)
+
+
+def load_auto_model(folder: Path):
+    """transformers' AutoModel from the local folder: safetensors only, no remote code, no network."""
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+    except Exception as error:
+        raise UserError(f"transformers cannot use the model's config.json (only architectures built into "
+                        f"transformers load; code in an upload never runs): {_first_line(error)}.") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise UserError(f"{config.model_type} is an encoder-decoder model; only encoder models (BERT-like) can be "
+                        f"imported, scored by their mean-pooled output.")
+    options = dict(config=config, trust_remote_code=False, local_files_only=True, use_safetensors=True)
+    try:
+        try:  # eager attention exports to plain ONNX operators
+            encoder = AutoModel.from_pretrained(str(folder), attn_implementation="eager", **options)
+        except ValueError:
+            encoder = AutoModel.from_pretrained(str(folder), **options)
+    except Exception as error:
+        raise UserError(f"transformers could not load the {config.model_type} model: {_first_line(error)}.") from None
+    return encoder.eval()
+
+
+def _input_names(encoder, folder: Path) -> list[str]:
+    accepted = inspect.signature(encoder.forward).parameters
+    if "input_ids" not in accepted or "attention_mask" not in accepted:
+        raise UserError(f"The {encoder.config.model_type} model does not take token ids with an attention mask, "
+                        f"so it cannot be scored on text.")
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in accepted:
+        tokenizer = uploaded.load_tokenizer(folder)
+        wanted = ("token_type_ids" in tokenizer.model_input_names if tokenizer is not None
+                  else getattr(encoder.config, "type_vocab_size", 0) > 0)
+        if wanted:
+            names.append("token_type_ids")
+    return names
+
+
+class MeanPooled(nn.Module):
+    """The encoder's last hidden state averaged over real tokens: a sentence embedding."""
+
+    def __init__(self, encoder: nn.Module, input_names):
+        super().__init__()
+        self.encoder = encoder
+        self.input_names = tuple(input_names)
+
+    def forward(self, *args):
+        feed = dict(zip(self.input_names, args))
+        output = self.encoder(**feed)
+        hidden = getattr(output, "last_hidden_state", None)
+        if hidden is None:
+            hidden = output[0]
+        mask = feed["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / torch.clamp(mask.sum(1), min=1e-9)
+
+
+class HFUploadAdapter(ModelAdapter):
+    """An uploaded Hugging Face encoder: its module is rebuilt from the upload folder's safetensors."""
+    output_kind = "embedding"
+    output_names = ("embedding",)
+
+    def __init__(self, folder: Path, input_names, vocab_size: int):
+        self.folder = Path(folder)
+        self.model_id = self.folder.name
+        self.input_names = tuple(input_names)
+        self.vocab_size = vocab_size
+        self.dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in self.input_names} | {"embedding": {0: "batch"}}
+
+    def build(self):
+        return MeanPooled(load_auto_model(self.folder), self.input_names).eval()
+
+    def create(self, progress: Progress):
+        return self.build()
+
+    def load(self, path: Path):  # the weights are the upload's own safetensors, not a weights.pt
+        return self.build()
+
+    def example_inputs(self) -> tuple:
+        feed, _ = uploaded.text_feed(self.folder, list(self.input_names), self.vocab_size)
+        return tuple(torch.from_numpy(feed[n][:2]) for n in self.input_names)
