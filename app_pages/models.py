@@ -127,8 +127,8 @@ def model_cards() -> None:
                 elif model["source"] == "upload":
                     st.info("Not imported yet: the import job checks the model and measures its baseline.")
                 else:
-                    st.info("Not trained yet. Preparing it trains it with a fixed seed (a few seconds) and "
-                            "measures its baseline; compressing it prepares it too.")
+                    st.info("Not prepared yet. Preparing it trains the model with a fixed seed (or loads it from its "
+                            "package) and measures its baseline; compressing it prepares it too.")
                 label = "Import again" if model["source"] == "upload" else "Prepare"
                 if action.button(label, key=f"prepare-{model['id']}", type="primary"):
                     api.prepare_model(db, model["id"])

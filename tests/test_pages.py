@@ -107,7 +107,7 @@ def test_models_page_shows_the_card_of_a_prepared_model(ui_run_home):
 
 def test_models_page_prepare_button_queues_a_prepare_job(ui_db):
     at = open_page("app_pages/models.py")
-    assert any(text.startswith("Not trained yet") for text in texts(at.info))
+    assert any(text.startswith("Not prepared yet") for text in texts(at.info))
     assert not at.metric  # no card before a model is prepared
     assert any("No worker is running" in text for text in texts(at.warning))
 
