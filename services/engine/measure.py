@@ -97,9 +97,12 @@ def _zero_point(initializers: dict, name: str, values: np.ndarray):
 
 
 def run_outputs(sess: ort.InferenceSession, evaluation: EvalSet, batch: int = 64) -> np.ndarray:
-    """The first output of the model over the whole evaluation set, in batches."""
+    """The scored output of the model (the first, unless the task names one) over the whole
+    evaluation set, in batches."""
     n = len(evaluation)
-    outs = [sess.run(None, {k: v[i:i + batch] for k, v in evaluation.inputs.items()})[0] for i in range(0, n, batch)]
+    # A model with several outputs (speech: digits and speaker) names the one its task scores.
+    wanted = [evaluation.extra["output_name"]] if evaluation.extra.get("output_name") else None
+    outs = [sess.run(wanted, {k: v[i:i + batch] for k, v in evaluation.inputs.items()})[0] for i in range(0, n, batch)]
     return np.concatenate(outs)
 
 

@@ -1,0 +1,228 @@
+"""Training `speech-ssl`: masked-frame pretraining on unlabeled audio, then fine-tuning both heads.
+
+Pretraining hides spans of 4 frames (about 34% of each utterance) and reconstructs the hidden
+log-mel frames from the context (L1), with a linear head that is thrown away afterwards: it
+needs no labels. Fine-tuning then trains the whole encoder with the CTC loss over digit strings
+and the cross-entropy of the speaker head, on the labeled training split.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.engine.speech.corpus import MAX_FRAMES, N_MELS, SpeechCorpus
+from services.engine.speech.model import BLANK, SpeechEncoder
+
+Progress = Callable[[float, str], None]
+
+SEED = 0
+BATCH = 32
+MASK_SPAN = 4
+MASK_SHARE = 0.34
+
+
+def steps_scale() -> float:
+    """EXPLORER_SPEECH_STEPS_SCALE shrinks every step count (the tests set 0.2); 1 for users."""
+    return float(os.environ.get("EXPLORER_SPEECH_STEPS_SCALE", "1"))
+
+
+@dataclass
+class Schedule:
+    pretrain_steps: int = 400
+    finetune_steps: int = 600
+    pretrain_lr: float = 1e-3
+    finetune_lr: float = 1e-3
+    speaker_weight: float = 1.0
+    encoder_lr_scale: float = 1.0  # fine-tuning: the encoder's learning rate relative to the heads'
+    deep_reconstruction: bool = True  # pretraining: an MLP (not a linear layer) reconstructs the frames
+    visible_weight: float = 1.0  # pretraining: weight of the frames left visible in the loss (hidden ones: 1)
+    denoise: bool = True  # pretraining: reconstruct the frames of the speech without its noise
+
+    def scaled(self, scale: float | None = None) -> "Schedule":
+        scale = steps_scale() if scale is None else scale
+        return replace(self, pretrain_steps=max(1, round(self.pretrain_steps * scale)) if self.pretrain_steps else 0,
+                       finetune_steps=max(1, round(self.finetune_steps * scale)))
+
+
+class TrainingSet:
+    """The training split as padded tensors, cut to the longest utterance of each batch."""
+
+    def __init__(self, corpus: SpeechCorpus, seed: int = SEED):
+        self.indices = corpus.select("train")
+        features, lengths = corpus.padded(self.indices, MAX_FRAMES)
+        self.features = torch.from_numpy(features)
+        self.clean = torch.from_numpy(corpus.padded(self.indices, MAX_FRAMES, clean=True)[0])
+        self.lengths = torch.from_numpy(lengths)
+        self.voice = torch.from_numpy(corpus.voice[self.indices])
+        self.is_digits = torch.from_numpy(corpus.kind[self.indices] == "digits")
+        # CTC targets: digit d is token d + 1 (0 is the blank).
+        self.targets = [torch.tensor([int(c) + 1 for c in s], dtype=torch.long) for s in corpus.digits[self.indices]]
+        self.by_length = np.argsort(self.lengths.numpy(), kind="stable")
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def feature_stats(self, clean: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = torch.arange(MAX_FRAMES)[None, :] < self.lengths[:, None]
+        frames = (self.clean if clean else self.features)[mask]
+        return frames.mean(0), frames.std(0).clamp(min=1e-3)
+
+    def batch(self, size: int = BATCH) -> dict:
+        """`size` utterances of similar length (drawn from a window of the length-sorted set), so
+        that little compute goes to padding: random batches pad to nearly twice the mean length."""
+        window = min(len(self), 3 * size)
+        start = int(self.rng.integers(0, len(self) - window + 1))
+        rows = torch.from_numpy(self.rng.choice(self.by_length[start:start + window], size=size, replace=False))
+        lengths = self.lengths[rows]
+        frames = int(lengths.max())
+        return {"features": self.features[rows, :frames], "clean": self.clean[rows, :frames], "lengths": lengths,
+                "voice": self.voice[rows], "is_digits": self.is_digits[rows],
+                "targets": [self.targets[i] for i in rows.tolist()]}
+
+
+def hide_spans(lengths: torch.Tensor, frames: int, rng: np.random.Generator, span: int = MASK_SPAN,
+               share: float = MASK_SHARE) -> torch.Tensor:
+    """(B, frames) bool: non-overlapping spans of `span` frames covering about `share` of each utterance."""
+    hide = np.zeros((len(lengths), frames), bool)
+    for row, length in enumerate(lengths.tolist()):
+        offset = int(rng.integers(0, span))
+        slots = np.arange(offset, max(offset + 1, length - span + 1), span)
+        count = min(len(slots), max(1, round(share * length / span)))
+        for start in rng.choice(slots, size=count, replace=False):
+            hide[row, start:start + span] = True
+        hide[row, length:] = False
+    return torch.from_numpy(hide)
+
+
+def _optimizer(params, lr: float, steps: int):
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    warmup = max(1, min(100, steps // 10))
+
+    def factor(step: int) -> float:  # linear warm-up, then cosine decay to 5%
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _report(progress: Progress | None, span: tuple[float, float], step: int, steps: int, what: str, loss: float):
+    if progress and (step % 25 == 24 or step == steps - 1):
+        fraction = span[0] + (span[1] - span[0]) * (step + 1) / steps
+        progress(fraction, f"{what}: step {step + 1}/{steps}, loss {loss:.3f}")
+
+
+def pretrain(model: SpeechEncoder, data: TrainingSet, steps: int, lr: float = 1e-3, seed: int = SEED,
+             progress: Progress | None = None, span: tuple[float, float] = (0.0, 1.0),
+             deep_reconstruction: bool = True, visible_weight: float = 0.0, denoise: bool = True) -> list[float]:
+    """Masked-frame reconstruction on the training audio, labels unused. Returns the loss per step.
+
+    With `denoise`, the frames to reconstruct are those of the speech without its noise (the
+    corpus keeps both): the encoder must model speech rather than the noise, which is most of
+    what a noisy frame holds at 0-10 dB SNR."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    width = model.norm.normalized_shape[0]
+    # Thrown away afterwards, with the learned stand-in for hidden frames.
+    reconstruct = (nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width), nn.Linear(width, N_MELS))
+                   if deep_reconstruction else nn.Linear(width, N_MELS))
+    hidden_frame = nn.Parameter(torch.randn(width) * 0.02)
+    clean_mean, clean_std = data.feature_stats(clean=True)
+    optimizer, scheduler = _optimizer([*model.parameters(), *reconstruct.parameters(), hidden_frame], lr, steps)
+    model.train()
+    losses = []
+    for step in range(steps):
+        batch = data.batch()
+        features, lengths = batch["features"], batch["lengths"]
+        hide = hide_spans(lengths, features.shape[1], rng)
+        hidden, mask = model.encode(features, lengths, hide=hide, hidden_frame=hidden_frame)
+        target = (batch["clean"] - clean_mean) / clean_std if denoise else model.normalize(features)
+        error = (reconstruct(hidden) - target).abs().mean(-1)
+        loss = error[hide].mean()
+        if visible_weight:
+            loss = loss + visible_weight * error[(mask > 0) & ~hide].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        _report(progress, span, step, steps, "masked-frame pretraining", float(np.mean(losses[-25:])))
+    model.eval()
+    return losses
+
+
+def finetune_loss(model: SpeechEncoder, batch: dict, speaker_weight: float = 1.0) -> torch.Tensor:
+    log_probs, speaker_logits = model(batch["features"], batch["lengths"])
+    loss = speaker_weight * F.cross_entropy(speaker_logits, batch["voice"])
+    digits = batch["is_digits"]
+    if digits.any():
+        rows = torch.nonzero(digits).flatten()
+        targets = [batch["targets"][i] for i in rows.tolist()]
+        rate = model.pool.rate
+        loss = loss + F.ctc_loss(
+            log_probs[rows].transpose(0, 1), torch.cat(targets),
+            (batch["lengths"][rows] + rate - 1) // rate, torch.tensor([len(t) for t in targets]),
+            blank=BLANK, zero_infinity=True)
+    return loss
+
+
+def finetune(model: SpeechEncoder, data: TrainingSet, steps: int, lr: float = 1e-3, seed: int = SEED,
+             speaker_weight: float = 1.0, progress: Progress | None = None,
+             span: tuple[float, float] = (0.0, 1.0), encoder_lr_scale: float = 1.0) -> list[float]:
+    """CTC over digit strings plus speaker cross-entropy; every weight trains, the encoder's at
+    `encoder_lr_scale` times the heads' learning rate."""
+    torch.manual_seed(seed + 2)
+    heads = [*model.ctc_head.parameters(), *model.speaker_head.parameters()]
+    encoder = [p for p in model.parameters() if all(p is not h for h in heads)]
+    groups = [{"params": heads, "lr": lr}, {"params": encoder, "lr": lr * encoder_lr_scale}]
+    optimizer, scheduler = _optimizer(groups, lr, steps)
+    model.train()
+    losses = []
+    for step in range(steps):
+        loss = finetune_loss(model, data.batch(), speaker_weight)
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        _report(progress, span, step, steps, "fine-tuning the digit and speaker heads", float(np.mean(losses[-25:])))
+    model.eval()
+    return losses
+
+
+def train_speech_ssl(corpus: SpeechCorpus, schedule: Schedule, progress: Progress | None = None,
+                     span: tuple[float, float] = (0.0, 1.0), seed: int = SEED, model: nn.Module | None = None):
+    """Pretrain (unless schedule.pretrain_steps is 0), then fine-tune; records the seconds of each phase.
+
+    `model` defaults to a fresh SpeechEncoder; any module with the same forward, `ctc_head`,
+    `speaker_head`, `pool` and feature statistics can be fine-tuned the same way (bench/speech.py).
+    """
+    torch.manual_seed(seed)
+    data = TrainingSet(corpus, seed)
+    model = model if model is not None else SpeechEncoder(n_speakers=int(corpus.voice.max()) + 1)
+    mean, std = data.feature_stats()
+    model.feature_mean.copy_(mean)
+    model.feature_std.copy_(std)
+    total = schedule.pretrain_steps + schedule.finetune_steps
+    middle = span[0] + (span[1] - span[0]) * schedule.pretrain_steps / total
+    started = time.perf_counter()
+    if schedule.pretrain_steps:
+        pretrain(model, data, schedule.pretrain_steps, schedule.pretrain_lr, seed, progress, (span[0], middle),
+                 schedule.deep_reconstruction, schedule.visible_weight, schedule.denoise)
+    pretrained = time.perf_counter()
+    finetune(model, data, schedule.finetune_steps, schedule.finetune_lr, seed, schedule.speaker_weight,
+             progress, (middle, span[1]), schedule.encoder_lr_scale)
+    model.pretrain_seconds = pretrained - started  # type: ignore[attr-defined]
+    model.finetune_seconds = time.perf_counter() - pretrained  # type: ignore[attr-defined]
+    return model
