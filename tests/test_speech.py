@@ -209,9 +209,7 @@ def test_speaker_id_through_the_pipeline_scores_the_speaker_output(prepared):
     evaluation = tasks.eval_set("speaker-id", "speech-ssl")
     assert evaluation.extra["output_name"] == "speaker_logits"
     outputs = measure.run_outputs(measure.session(prepared.onnx), evaluation)
-    if outputs.ndim == 3:
-        pytest.skip("measure.run_outputs returns the first output only; it must honour "
-                    "EvalSet.extra['output_name'] for speaker-id (see the speech-ssl report)")
+    assert outputs.shape == (840, len(VOICES))  # the second output, by name, not the first
     metrics = pipeline.measure_model(prepared.onnx, "speaker-id", "speech-ssl", "logits", evaluation)
     assert metrics["score"] > 4 / len(VOICES) and metrics["fidelity"] == 1.0
 
@@ -251,3 +249,22 @@ def test_speech_fidelity_counts_real_frames_only():
     outputs[1, 50] = np.eye(11)[5]  # a padded frame changes: does not count
     scores = speech_tasks.fidelity("spoken-digits", evaluation, outputs, reference)
     assert scores == {"fidelity": pytest.approx(5 / 6), "fidelity_worst": 0.5, "transcript_agreement": 0.5}
+
+
+@pytest.mark.parametrize("rate", [1, 3, 8])
+def test_pooling_by_a_rate_keeps_real_frames_apart_from_padding(rate):
+    from services.engine.speech.model import SpeechEncoder
+
+    torch.manual_seed(0)
+    net = SpeechEncoder(rate=rate).eval()
+    features = torch.randn(2, MAX_FRAMES, N_MELS)
+    lengths = torch.tensor([MAX_FRAMES, 37])
+    with torch.no_grad():
+        log_probs, speakers = net(features, lengths)
+        shorter = net(features[1:, :37], lengths[1:])  # the same utterance without its padding
+    frames_out = -(-MAX_FRAMES // rate)
+    assert log_probs.shape == (2, frames_out, 11) and speakers.shape == (2, len(VOICES))
+    real = int(speech_tasks.output_lengths(np.array([37]), MAX_FRAMES, frames_out)[0])
+    assert real == -(-37 // rate)
+    torch.testing.assert_close(log_probs[1, :real], shorter[0][0, :real], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(speakers[1], shorter[1][0], atol=1e-4, rtol=1e-4)

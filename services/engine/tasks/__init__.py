@@ -63,7 +63,12 @@ def fidelity(outputs: np.ndarray, reference: np.ndarray, output_kind: str) -> di
 
 def score(task: str, model_id: str, output_kind: str, evaluation: EvalSet, outputs: np.ndarray,
           reference: np.ndarray) -> dict:
-    agreement = fidelity(outputs, reference, output_kind)
+    # A task may know better what agreement means (speech: real frames only, not the padding).
+    module = _module(data_task(task, model_id)) if model_id in BUILTIN_MODELS else None
+    if module is not None and hasattr(module, "fidelity"):
+        agreement = module.fidelity(data_task(task, model_id), evaluation, outputs, reference)
+    else:
+        agreement = fidelity(outputs, reference, output_kind)
     if task == "fidelity":
         return {"score": agreement["fidelity"], "score_name": "fidelity", **agreement}
     return {**_module(task).score(task, evaluation, outputs), **agreement}
