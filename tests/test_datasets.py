@@ -102,7 +102,7 @@ def files_outside(home: Path) -> set[str]:
     return {p for p in files_under(home.parent) if p != home.name and not p.startswith(f"{home.name}/")}
 
 
-def refuse(db, home: Path, filename: str, data: bytes, *needles: str) -> str:
+def assert_refused(db, home: Path, filename: str, data: bytes, *needles: str) -> str:
     """Import must fail with a UserError naming every needle, and leave nothing behind anywhere."""
     outside_before = files_outside(home)
     with pytest.raises(UserError) as caught:
@@ -170,7 +170,7 @@ def test_text_only_csv_is_unlabeled_and_scored_by_fidelity(db, home):
 ], ids=["missing-column", "extra-columns", "not-utf8", "empty-text", "empty-label", "one-class", "one-row",
         "wrong-field-count", "blank"])
 def test_bad_csv_is_refused_with_a_precise_sentence(db, home, content, needles):
-    refuse(db, home, "data.csv", content, "'data.csv'", *needles)
+    assert_refused(db, home, "data.csv", content, "'data.csv'", *needles)
 
 
 # ---- NPZ ----------------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def test_a_pickle_inside_an_npz_is_refused_and_never_unpickled(db, home, tmp_pat
     evil[:] = [_RunsCodeWhenUnpickled(marker)] * 3
     data = npz_bytes(X=np.zeros((3, 2)), y=evil)
     assert b"pickle-ran" in data  # the pickle really is inside
-    refuse(db, home, "evil.npz", data, "'evil.npz'", "array 'y' holds Python objects", "never loaded")
+    assert_refused(db, home, "evil.npz", data, "'evil.npz'", "array 'y' holds Python objects", "never loaded")
     assert not marker.exists()
 
 
@@ -239,11 +239,11 @@ def test_a_pickle_inside_an_npz_is_refused_and_never_unpickled(db, home, tmp_pat
     ({"X": np.zeros((1, 2))}, ["X has 1 sample", "at least 2"]),
 ], ids=["no-X", "1-D-X", "length-mismatch", "one-class", "text-X", "nan", "float-labels", "extra-array", "one-sample"])
 def test_bad_npz_is_refused_with_a_precise_sentence(db, home, arrays, needles):
-    refuse(db, home, "arrays.npz", npz_bytes(**arrays), "'arrays.npz'", *needles)
+    assert_refused(db, home, "arrays.npz", npz_bytes(**arrays), "'arrays.npz'", *needles)
 
 
 def test_random_bytes_named_npz_are_refused(db, home):
-    refuse(db, home, "noise.npz", os.urandom(2048), "'noise.npz' is not an NPZ archive")
+    assert_refused(db, home, "noise.npz", os.urandom(2048), "'noise.npz' is not an NPZ archive")
 
 
 # ---- WAV zips -----------------------------------------------------------------------------------
@@ -350,7 +350,7 @@ def _lying_zip() -> bytes:
 ], ids=["dot-dot", "absolute", "symlink", "zip-bomb", "lying-sizes", "not-wav", "unreadable-wav", "one-label",
         "mixed-layout", "too-deep", "no-wav", "not-a-zip"])
 def test_bad_wav_zip_is_refused_with_a_precise_sentence(db, home, make, needles):
-    refuse(db, home, "audio.zip", make(), "'audio.zip'", *needles)
+    assert_refused(db, home, "audio.zip", make(), "'audio.zip'", *needles)
     assert not (home.parent / "evil.wav").exists() and not Path("/tmp/evil.wav").exists()
 
 
@@ -358,24 +358,24 @@ def test_total_unpacked_size_is_capped(db, home, monkeypatch):
     monkeypatch.setenv("EXPLORER_MAX_UNPACKED_MB", "0.5")
     data = zip_bytes({"a/x.wav": wav_bytes(seconds=10, noise=True), "b/y.wav": wav_bytes(seconds=10, noise=True)})
     assert len(data) < 1024 * 1024  # the upload itself is small; unpacked it is 640 KB
-    refuse(db, home, "audio.zip", data, "would unpack to", "over the limit of 512.0 KB", "EXPLORER_MAX_UNPACKED_MB")
+    assert_refused(db, home, "audio.zip", data, "would unpack to", "over the limit of 512.0 KB", "EXPLORER_MAX_UNPACKED_MB")
 
 
 # ---- any file -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("filename", ["empty.csv", "empty.npz", "empty.zip"])
 def test_an_empty_file_is_refused(db, home, filename):
-    refuse(db, home, filename, b"", f"'{filename}' is empty (0 bytes)")
+    assert_refused(db, home, filename, b"", f"'{filename}' is empty (0 bytes)")
 
 
 def test_a_file_over_the_upload_limit_is_refused(db, home, monkeypatch):
     monkeypatch.setenv("EXPLORER_MAX_UPLOAD_MB", "0.01")  # about 10 KB
     data = b"text,label\n" + b"".join(b"sample %d,%d\n" % (i, i % 2) for i in range(2000))
-    refuse(db, home, "big.csv", data, "'big.csv' is", "over the upload limit of 10.2 KB", "EXPLORER_MAX_UPLOAD_MB")
+    assert_refused(db, home, "big.csv", data, "'big.csv' is", "over the upload limit of 10.2 KB", "EXPLORER_MAX_UPLOAD_MB")
 
 
 def test_an_unknown_extension_is_refused(db, home):
-    refuse(db, home, "data.txt", b"text,label\na,b\n",
+    assert_refused(db, home, "data.txt", b"text,label\na,b\n",
            "Unknown file type '.txt' for 'data.txt'", ".csv", ".npz", ".zip")
 
 
