@@ -25,6 +25,9 @@ REPEATS = int(os.environ.get("EXPLORER_BENCH_REPEATS", "200"))
 BATCH_REPEATS = int(os.environ.get("EXPLORER_BENCH_BATCH_REPEATS", "30"))
 # Large models get fewer repeats: enough for a stable median without minutes of timing.
 SECONDS_PER_MODEL = float(os.environ.get("EXPLORER_BENCH_SECONDS", "4"))
+# A model's card is a first look; every compress job times the original again, side by side with
+# the result, on the full budget. So cards (prepare, import) time on a shorter one.
+CARD_SECONDS = min(SECONDS_PER_MODEL, float(os.environ.get("EXPLORER_CARD_SECONDS", "1.5")))
 
 # Quantization bookkeeping tensors are not parameters a user would count.
 _BOOKKEEPING_SUFFIXES = ("_scale", "_zero_point", "_quantized_scale", "_quantized_zero_point")
@@ -117,8 +120,9 @@ def _time_calls(sess, feed: dict, warmup: int, repeats: int) -> np.ndarray:
     return times * 1000.0
 
 
-def measure_latency(paths: list[Path], evaluation: EvalSet) -> list[dict]:
-    """Time several models side by side, interleaved in rounds, so machine noise hits all alike."""
+def measure_latency(paths: list[Path], evaluation: EvalSet, seconds: float | None = None) -> list[dict]:
+    """Time several models side by side, interleaved in rounds, so machine noise hits all alike.
+    `seconds` is the timing budget per model (EXPLORER_BENCH_SECONDS by default)."""
     sessions = [session(p) for p in paths]
     single = evaluation.head(1)
     batch = evaluation.latency_batch
@@ -127,7 +131,7 @@ def measure_latency(paths: list[Path], evaluation: EvalSet) -> list[dict]:
     # One call of each to size the repeats to the time budget (half for batch 1, half for the batch).
     slowest_single = max(_time_calls(sess, single, 1, 1)[0] for sess in sessions) / 1000
     slowest_batch = max(_time_calls(sess, batch_feed, 0, 1)[0] for sess in sessions) / 1000
-    budget = SECONDS_PER_MODEL / 2
+    budget = (SECONDS_PER_MODEL if seconds is None else seconds) / 2
     repeats = int(min(REPEATS, max(20, budget / max(slowest_single, 1e-6))))
     batch_repeats = int(min(BATCH_REPEATS, max(5, budget / max(slowest_batch, 1e-6))))
     single_times = [[] for _ in sessions]

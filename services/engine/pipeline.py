@@ -83,7 +83,7 @@ def measure_model(path: Path, task: str, model_id: str, output_kind: str, evalua
     reference = outputs if reference is None else reference
     metrics = {**measure.file_sizes(path), **measure.parameter_counts(path),
                **tasks.score(task, model_id, output_kind, evaluation, outputs, reference)}
-    metrics.update(latency or measure.measure_latency([path], evaluation)[0])
+    metrics.update(latency or measure.measure_latency([path], evaluation, seconds=measure.CARD_SECONDS)[0])
     return metrics
 
 
