@@ -150,15 +150,20 @@ def pretrain(model: SpeechEncoder, data: TrainingSet, steps: int, lr: float = 1e
         loss = error[hide].mean()
         if visible_weight:
             loss = loss + visible_weight * error[(mask > 0) & ~hide].mean()
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+        losses.append(_step(model, loss, optimizer, scheduler))
         _report(progress, span, step, steps, "masked-frame pretraining", float(np.mean(losses[-25:])))
     model.eval()
     return losses
+
+
+def _step(model: nn.Module, loss: torch.Tensor, optimizer, scheduler) -> float:
+    """One optimizer step with gradient clipping; returns the loss."""
+    optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
 
 
 def finetune_loss(model: SpeechEncoder, batch: dict, speaker_weight: float = 1.0) -> torch.Tensor:
@@ -190,12 +195,7 @@ def finetune(model: SpeechEncoder, data: TrainingSet, steps: int, lr: float = 1e
     losses = []
     for step in range(steps):
         loss = finetune_loss(model, data.batch(), speaker_weight)
-        optimizer.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
+        losses.append(_step(model, loss, optimizer, scheduler))
         _report(progress, span, step, steps, "fine-tuning the digit and speaker heads", float(np.mean(losses[-25:])))
     model.eval()
     return losses
