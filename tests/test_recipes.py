@@ -63,10 +63,18 @@ def test_given_values_are_kept_and_normalised():
     assert quantize["weight_type"] == "uint8" and quantize["per_channel"] is False
 
 
+BUILTIN_BY_ARCHITECTURE = {"cnn": TORCH_MODEL,
+                           "text-transformer": {"id": "minilm-l6", "format": "torch", "task": "pydoc-retrieval"},
+                           "speech-transformer": {"id": "speech-ssl", "format": "torch", "task": "spoken-digits"}}
+
+
 def test_every_registered_method_validates_with_its_own_defaults():
     for name, method in REGISTRY.items():
-        model = TORCH_MODEL if "torch" in method.applies_to else ONNX_MODEL
-        clean = _validate({"steps": [{"method": name}]}, model)
+        if "torch" not in method.applies_to:
+            model = ONNX_MODEL
+        else:
+            model = BUILTIN_BY_ARCHITECTURE[(method.architectures or ("cnn",))[0]]
+        clean = _validate({"steps": [{"method": name}]}, {**model, "task": "fidelity"})
         assert clean["steps"][0]["params"] == {p.name: p.default for p in method.params}
 
 

@@ -71,7 +71,7 @@ def prepare(store: ArtifactStore, model: dict, progress: Progress) -> dict:
         card.update(sizes.result())
     progress(0.85, "timing it with ONNX Runtime")
     card.update(measure.measure_latency([onnx_path], evaluation, seconds=measure.CARD_SECONDS)[0])
-    card.update(output_kind=output_kind, methods=imports.method_applicability(model["format"]),
+    card.update(output_kind=output_kind, methods=imports.method_applicability(model),
                 eval_data=evaluation.extra.get("data", ""), import_seconds=round(time.perf_counter() - started, 2))
     if note:
         card["note"] = note

@@ -120,17 +120,21 @@ def _time_calls(sess, feed: dict, warmup: int, repeats: int) -> np.ndarray:
     return times * 1000.0
 
 
-def measure_latency(paths: list[Path], evaluation: EvalSet, seconds: float | None = None) -> list[dict]:
+def measure_latency(paths: list[Path], evaluation: EvalSet | list[EvalSet],
+                    seconds: float | None = None) -> list[dict]:
     """Time several models side by side, interleaved in rounds, so machine noise hits all alike.
-    `seconds` is the timing budget per model (EXPLORER_BENCH_SECONDS by default)."""
+    `evaluation` is one set for all, or one per model (a trimmed vocabulary numbers its tokens
+    differently: the same sentences, other ids). `seconds` is the timing budget per model
+    (EXPLORER_BENCH_SECONDS by default)."""
     sessions = [session(p) for p in paths]
-    single = evaluation.head(1)
-    batch = evaluation.latency_batch
-    batch_feed = evaluation.head(batch)
+    evaluations = evaluation if isinstance(evaluation, list) else [evaluation] * len(paths)
+    batch = evaluations[0].latency_batch
+    singles = [e.head(1) for e in evaluations]
+    batch_feeds = [e.head(batch) for e in evaluations]
     rounds = 5
     # One call of each to size the repeats to the time budget (half for batch 1, half for the batch).
-    slowest_single = max(_time_calls(sess, single, 1, 1)[0] for sess in sessions) / 1000
-    slowest_batch = max(_time_calls(sess, batch_feed, 0, 1)[0] for sess in sessions) / 1000
+    slowest_single = max(_time_calls(sess, feed, 1, 1)[0] for sess, feed in zip(sessions, singles)) / 1000
+    slowest_batch = max(_time_calls(sess, feed, 0, 1)[0] for sess, feed in zip(sessions, batch_feeds)) / 1000
     budget = (SECONDS_PER_MODEL if seconds is None else seconds) / 2
     repeats = int(min(REPEATS, max(20, budget / max(slowest_single, 1e-6))))
     batch_repeats = int(min(BATCH_REPEATS, max(5, budget / max(slowest_batch, 1e-6))))
@@ -138,8 +142,8 @@ def measure_latency(paths: list[Path], evaluation: EvalSet, seconds: float | Non
     batch_times = [[] for _ in sessions]
     for _ in range(rounds):
         for i, sess in enumerate(sessions):
-            single_times[i].append(_time_calls(sess, single, WARMUP // rounds + 1, max(1, repeats // rounds)))
-            batch_times[i].append(_time_calls(sess, batch_feed, 1, max(1, batch_repeats // rounds)))
+            single_times[i].append(_time_calls(sess, singles[i], WARMUP // rounds + 1, max(1, repeats // rounds)))
+            batch_times[i].append(_time_calls(sess, batch_feeds[i], 1, max(1, batch_repeats // rounds)))
     results = []
     for i in range(len(sessions)):
         s = np.concatenate(single_times[i])

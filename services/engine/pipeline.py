@@ -10,13 +10,13 @@ import platform
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from services.catalog import BUILTIN_MODELS
+from services.catalog import BUILTIN_MODELS, architecture_of
 from services.engine import measure, tasks, zoo
 from services.engine.export import export_onnx
 from services.engine.methods import REGISTRY
@@ -29,14 +29,46 @@ Progress = Callable[[float, str], None]
 
 @dataclass
 class StepContext:
-    """What a method may use while it runs."""
+    """What a method may use while it runs.
+
+    `fit_set()` gives the inputs a method may fit on (calibration, token counts, training): the
+    task's fitting split, never the samples the result is scored on. A step that changes how inputs
+    are made (vocab.trim rebuilds the tokenizer) sets `tokenizer_file`; the compressed model is then
+    scored and timed on the same texts encoded by that tokenizer, and the file is kept with the run.
+    `notes` are sentences shown beside the result (what a step did, what it risks).
+    """
     model_id: str
     scratch: Path
     progress: Progress
+    model: dict = field(default_factory=dict)
+    task: str = ""
+    home: Path | None = None
+    adapter: object = None
+    architecture: str = ""
+    tokenizer_file: Path | None = None
+    notes: list = field(default_factory=list)
+    _fit_set: EvalSet | None = None
 
     @staticmethod
     def user_error(message: str) -> UserError:
         return UserError(message)
+
+    def fit_set(self) -> EvalSet:
+        if self._fit_set is None:
+            self._fit_set = tasks.fit_set(self.task, self.model, self.home)
+        return self._fit_set
+
+    def reencode(self, evaluation: EvalSet) -> EvalSet:
+        """The same samples as the compressed model must see them (its own tokenizer, if a step made one)."""
+        if self.tokenizer_file is None:
+            return evaluation
+        texts = evaluation.extra.get("texts")
+        if texts is None or not hasattr(self.adapter, "encode"):
+            raise UserError("This step rebuilt the tokenizer, but the task's samples are not text the model's "
+                            "tokenizer can encode again.")
+        inputs = self.adapter.encode(texts, tokenizer_file=self.tokenizer_file)
+        return EvalSet(inputs={k: inputs[k] for k in evaluation.inputs}, labels=evaluation.labels,
+                       latency_batch=evaluation.latency_batch, extra=evaluation.extra)
 
 
 def _weights_path(store: ArtifactStore, model_id: str) -> Path:
@@ -113,7 +145,8 @@ def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progr
     adapter = _adapter_for(store, model)
     baseline_path = store.resolve(model["artifact"])
     scratch = store.scratch_dir("runs", run_id, "tmp")
-    context = StepContext(model_id=model["id"], scratch=scratch, progress=progress)
+    context = StepContext(model_id=model["id"], scratch=scratch, progress=progress, model=model,
+                          task=recipe["task"], home=store.home, adapter=adapter, architecture=architecture_of(model))
     torch_steps = [s for s in recipe["steps"] if REGISTRY[s["method"]].stage == "torch"]
     onnx_steps = [s for s in recipe["steps"] if REGISTRY[s["method"]].stage == "onnx"]
     total = len(recipe["steps"])
@@ -133,17 +166,26 @@ def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progr
         current = out
 
     final = store.put_file(current, "runs", run_id, "model.onnx")
-    shutil.rmtree(scratch, ignore_errors=True)
+    extra_files = {}
+    if context.tokenizer_file is not None:  # the compressed model only understands its own token ids
+        extra_files["tokenizer"] = store.relative(store.put_file(context.tokenizer_file, "runs", run_id,
+                                                                 "tokenizer.json"))
     progress(0.65, "timing the original and the compressed model with ONNX Runtime")
     evaluation = tasks.eval_set_for(recipe["task"], model, store.home)
-    base_latency, run_latency = measure.measure_latency([baseline_path, final], evaluation)
+    final_evaluation = context.reencode(evaluation)
+    shutil.rmtree(scratch, ignore_errors=True)
+    base_latency, run_latency = measure.measure_latency([baseline_path, final], [evaluation, final_evaluation])
     progress(0.85, f"scoring on {recipe['task']}")
     kind, task = adapter.output_kind, recipe["task"]
     reference = measure.run_outputs(measure.session(baseline_path), evaluation)
-    outputs = measure.run_outputs(measure.session(final), evaluation)
+    outputs = measure.run_outputs(measure.session(final), final_evaluation)
     baseline = measure_model(baseline_path, task, model["id"], kind, evaluation, reference, reference, base_latency)
-    metrics = measure_model(final, task, model["id"], kind, evaluation, outputs, reference, run_latency)
+    metrics = measure_model(final, task, model["id"], kind, final_evaluation, outputs, reference, run_latency)
     metrics["job_seconds"] = round(time.perf_counter() - started, 2)
+    if context.notes:
+        metrics["notes"] = list(context.notes)
+    if extra_files:  # relative to the data folder, like the artifact
+        metrics["files"] = extra_files
     result["run"] = {
         "metrics": metrics,
         "baseline": baseline,

@@ -42,6 +42,10 @@ class Method:
     stage: str  # 'torch' (changes the PyTorch module) or 'onnx' (rewrites the exported graph)
     applies_to: tuple  # model formats: 'torch', 'onnx'
     params: tuple = ()
+    # Architectures it works on (see services/catalog.ARCHITECTURES); empty = any of its formats.
+    architectures: tuple = ()
+    # Writes integer weights: nothing that needs float weights (pruning, a second quantizer) may follow.
+    quantizes: bool = False
     effect_note: str = ""  # shown beside results: what to expect from this method's numbers
     apply: Callable | None = field(default=None, compare=False, repr=False)
 
@@ -52,9 +56,25 @@ class Method:
             "explanation": self.explanation,
             "stage": self.stage,
             "applies_to": list(self.applies_to),
+            "architectures": list(self.architectures),
+            "quantizes": self.quantizes,
             "effect_note": self.effect_note,
             "params": [p.schema() for p in self.params],
         }
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+    def why_not(self, model_format: str, architecture: str) -> str:
+        """'' when this method applies to such a model, else the reason in one sentence."""
+        from services.catalog import ARCHITECTURES
+
+        if model_format not in self.applies_to:
+            if model_format == "onnx":
+                return ("needs a PyTorch model; an ONNX upload can only be changed by graph-level methods "
+                        "(those that rewrite the ONNX graph, such as quantization).")
+            return "needs an ONNX graph."
+        if self.architectures and architecture not in self.architectures:
+            wanted = " or ".join(ARCHITECTURES[a] for a in self.architectures)
+            return f"works on {wanted}; this model is {ARCHITECTURES.get(architecture, architecture)}."
+        return ""

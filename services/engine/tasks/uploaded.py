@@ -50,6 +50,33 @@ def eval_set(task: str, model: dict, home: Path) -> EvalSet:
     return synthetic_eval_set(meta)
 
 
+def fit_set(task: str, model: dict, home: Path) -> EvalSet:
+    """What a method may fit on: help paragraphs that are not scored (text uploads), the training
+    split of a built-in task, other synthetic samples; a user's data set has no second split, so its
+    fit set is the scored data itself and says so (extra["overlaps_scoring"])."""
+    meta = meta_of(model)
+    home = Path(home)
+    if meta.get("kind") == "hf":
+        scored = int(meta.get("eval_samples", TEXT_SAMPLES))
+        feed, described = text_feed(home / meta["folder"], meta["input_names"], int(meta["vocab_size"]),
+                                    count=TEXT_SAMPLES, texts=all_paragraphs()[scored:scored + TEXT_SAMPLES])
+        return EvalSet(inputs={n: feed[n] for n in meta["input_names"]}, labels=None,
+                       latency_batch=int(meta.get("latency_batch", LATENCY_BATCH)), extra={"data": described})
+    source = model["task"] if task == "fidelity" else task
+    if meta.get("dataset"):
+        built = dataset_eval_set(meta, home, with_labels=source == "your-data")
+        built.extra["overlaps_scoring"] = True
+        return built
+    if source in BUILTIN_DATA_TASKS:
+        module = importlib.import_module(BUILTIN_DATA_TASKS[source])
+        train = module.fit_set(source)
+        name, spec = _single_input(meta, f"Task {source!r}")
+        x = next(iter(train.inputs.values()))
+        return EvalSet(inputs={name: _check_fits(name, spec, x, f"Task {source!r}")}, labels=train.labels,
+                       latency_batch=train.latency_batch, extra={"data": f"the {source} training split"})
+    return synthetic_eval_set(meta, seed=SEED + 1)
+
+
 def score(task: str, evaluation: EvalSet, outputs: np.ndarray) -> dict:
     """'your-data': the share of samples whose top answer is their label."""
     predicted = outputs.reshape(len(outputs), -1).argmax(axis=1)
@@ -58,10 +85,10 @@ def score(task: str, evaluation: EvalSet, outputs: np.ndarray) -> dict:
 
 # ---- ONNX uploads ------------------------------------------------------------------------------
 
-def synthetic_eval_set(meta: dict) -> EvalSet:
+def synthetic_eval_set(meta: dict, seed: int = SEED) -> EvalSet:
     """Seeded inputs of the fixed shapes: normal floats, token-like integers below the table they
     index, ones for masks, zeros for token types."""
-    rng = np.random.default_rng(SEED)
+    rng = np.random.default_rng(seed)
     count = min(SYNTHETIC_SAMPLES, int(meta.get("eval_samples", SYNTHETIC_SAMPLES)))
     inputs = {}
     for name, spec in meta["inputs"].items():
@@ -83,7 +110,7 @@ def synthetic_eval_set(meta: dict) -> EvalSet:
             values = rng.standard_normal(shape).astype(dtype)
         inputs[name] = values[:count]
     return EvalSet(inputs=inputs, labels=None, latency_batch=int(meta.get("latency_batch", LATENCY_BATCH)),
-                   extra={"data": f"{count} synthetic samples (seed {SEED})"})
+                   extra={"data": f"{count} synthetic samples (seed {seed})"})
 
 
 def _single_input(meta: dict, what: str) -> tuple[str, dict]:
@@ -135,9 +162,14 @@ def builtin_eval_set(task: str, meta: dict) -> EvalSet:
 
 # ---- Hugging Face uploads ----------------------------------------------------------------------
 
-@lru_cache(maxsize=1)
 def paragraphs() -> list[str]:
-    """TEXT_SAMPLES paragraphs of Python's own help text, the same for everyone."""
+    """TEXT_SAMPLES paragraphs of Python's own help text, the same for everyone (the scored ones)."""
+    return all_paragraphs()[:TEXT_SAMPLES]
+
+
+@lru_cache(maxsize=1)
+def all_paragraphs() -> list[str]:
+    """Every help paragraph of at least 80 characters, in a fixed shuffled order."""
     from pydoc_data.topics import topics
 
     found = []
@@ -147,7 +179,7 @@ def paragraphs() -> list[str]:
             if len(text) >= 80:
                 found.append(text)
     random.Random(SEED).shuffle(found)
-    return found[:TEXT_SAMPLES]
+    return found
 
 
 def load_tokenizer(folder: Path):
@@ -168,9 +200,10 @@ def load_tokenizer(folder: Path):
     return tokenizer
 
 
-def text_feed(folder: Path, input_names: list[str], vocab_size: int, count: int = TEXT_SAMPLES) -> tuple[dict, str]:
+def text_feed(folder: Path, input_names: list[str], vocab_size: int, count: int = TEXT_SAMPLES,
+              texts: list[str] | None = None) -> tuple[dict, str]:
     tokenizer = load_tokenizer(folder)
-    texts = paragraphs()[:count]
+    texts = (paragraphs() if texts is None else texts)[:count]
     if tokenizer is not None:
         encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=MAX_TOKENS,
                             return_tensors="np")
