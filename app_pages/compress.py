@@ -8,6 +8,7 @@ from services import api
 from services.catalog import TASKS
 from services.errors import UserError
 from services.recipes import parse_recipe_text
+from ui.charts import sensitivity_chart
 from ui.recipe_form import param_widget
 from ui.session import get_db, worker_banner
 
@@ -51,6 +52,33 @@ def load_recipe(text: str) -> None:
         add_step(step["method"], step["params"])
 
 
+def sensitivity_panel(method: dict, step: dict) -> None:
+    """The latest per-layer scan of this method on this model, and a button to run one at this setting."""
+    scan = api.latest_scan(db, model_id, method["name"])
+    running = [j for j in api.list_jobs(db, model_id=model_id, limit=20)
+               if j["kind"] == "sensitivity" and j["status"] in ("queued", "running")
+               and j["payload"].get("method") == method["name"]]
+    label = "Layer sensitivity" + (f" (latest scan: {len(scan['layers'])} layers)" if scan else "")
+    with st.expander(label):
+        st.caption("A scan compresses each layer alone at this step's setting and measures how far the model "
+                   "moves from the original, on samples it is not scored on. Then `skip_sensitive: N` leaves the "
+                   "N most sensitive layers alone.")
+        if scan:
+            setting = ", ".join(f"{k}={v}" for k, v in scan["params"].items() if v not in ([], 0) or k == "amount")
+            st.caption(f"Latest scan: {setting}; measured on {scan['summary']['data']} in "
+                       f"{scan['summary']['seconds']:.0f} s.")
+            st.altair_chart(sensitivity_chart(scan["layers"]), width="stretch")
+        if running:
+            st.info(f"A scan is {running[0]['status']} ({running[0]['progress']:.0%}): see the Jobs page.")
+        elif st.button("Scan layers at this setting", key=f"scan-{step['uid']}"):
+            try:
+                queued = api.submit_sensitivity(db, model_id, method["name"], step["params"], task)
+            except UserError as problem:
+                st.error(str(problem))
+            else:
+                st.success(f"Scan queued (job `{queued['job_id'][:12]}`); it appears here when done.")
+
+
 applicability = api.method_applicability(model)
 applicable = [m["name"] for m in applicability if m["applies"]]
 st.subheader("Steps")
@@ -69,6 +97,8 @@ for index, step in enumerate(list(st.session_state.steps)):
         for param in method["params"]:
             step["params"][param["name"]] = param_widget(
                 param, key=f"{step['uid']}-{param['name']}", value=step["params"].get(param["name"], param["default"]))
+        if method["sensitivity"]:
+            sensitivity_panel(method, step)
         error_slots[index] = st.empty()
 
 with st.container(border=True):

@@ -21,6 +21,8 @@ page_number = st.session_state.get("jobs-page", 0)
 def job_title(job: dict) -> str:
     if job["kind"] == "compress":
         return f"Compress **{job['model_id']}**: {recipe_summary(job['payload']['recipe'])}"
+    if job["kind"] == "sensitivity":
+        return f"Sensitivity scan of **{job['model_id']}** with `{job['payload']['method']}` (each layer alone)"
     return f"Prepare **{job['model_id']}** (train and measure the original model)"
 
 
@@ -61,6 +63,11 @@ def job_list() -> None:
                 if run["metrics"]:
                     top.markdown(f"→ {api.summary_sentence(run['metrics'], run['baseline'])}")
                 side.page_link("app_pages/result.py", label="Result", icon=":material/link:", query_params={"id": job["run_id"]})
+            if job["kind"] == "sensitivity" and job["status"] == "succeeded":
+                scan = api.latest_scan(db, job["model_id"], job["payload"]["method"])
+                if scan:
+                    worst = ", ".join(f"`{row['layer']}`" for row in scan["layers"][:3])
+                    top.markdown(f"→ most sensitive: {worst} (chart on the Compress page, under the step)")
 
 
 # Refresh every second while something is queued or running, otherwise every few seconds (to

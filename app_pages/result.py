@@ -72,6 +72,8 @@ notes = {m["name"]: m["effect_note"] for m in api.list_methods() if m["effect_no
 for name in dict.fromkeys(step["method"] for step in run["recipe"]["steps"]):  # each method once, in order
     if name in notes:
         st.caption(f"**{name}**: {notes[name]}")
+for sentence in metrics.get("notes", []):  # what each step reported it did, and the risk it carries
+    st.caption(f"• {sentence}")
 
 left, right = st.columns(2)
 with left:
@@ -93,9 +95,12 @@ st.table({
                          f"{metrics['params']:,} ({metrics['nonzero_params']:,})"],
     "latency p50 / p95, batch 1": [f"{ms(baseline['latency_ms']['p50'])} / {ms(baseline['latency_ms']['p95'])}",
                                    f"{ms(metrics['latency_ms']['p50'])} / {ms(metrics['latency_ms']['p95'])}"],
-    "latency p50, batch 256": [ms(baseline["batch_latency_ms"]["p50"]), ms(metrics["batch_latency_ms"]["p50"])],
+    f"latency p50, batch {metrics['batch_latency_ms']['batch']}": [ms(baseline["batch_latency_ms"]["p50"]),
+                                                                   ms(metrics["batch_latency_ms"]["p50"])],
     "throughput": [per_second(baseline["throughput_per_s"]), per_second(metrics["throughput_per_s"])],
     metrics["score_name"]: [f"{100 * baseline['score']:.2f}%", f"{100 * metrics['score']:.2f}%"],
+    "agreement with the original (mean / worst sample)": [
+        "100% / 100%", f"{100 * metrics['fidelity']:.1f}% / {100 * metrics.get('fidelity_worst', metrics['fidelity']):.1f}%"],
 })
 
 recipe_col, download_col = st.columns([3, 2])
@@ -114,6 +119,15 @@ with download_col:
     else:
         st.download_button(f"Download ONNX ({human_bytes(len(data))})", data, file_name=f"{model['id']}-{run['id'][:8]}.onnx",
                            mime="application/octet-stream", type="primary", on_click="ignore")
+    if run.get("files", {}).get("tokenizer"):
+        try:
+            tokenizer = api.run_file_bytes(db, run, "tokenizer")
+        except (OSError, ValueError):
+            st.error("The run's tokenizer file is missing from the data folder.")
+        else:
+            st.download_button("Download its tokenizer.json (the model needs it: its vocabulary was trimmed)",
+                               tokenizer, file_name=f"{model['id']}-{run['id'][:8]}-tokenizer.json",
+                               mime="application/json", on_click="ignore")
 
 st.markdown("**Share this result**: anyone with the link sees this page, read-only.")
 page_url = (st.context.url or "").split("?")[0]

@@ -53,6 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--wait", action="store_true")
     compress.add_argument("--json", action="store_true")
 
+    scan = sub.add_parser("sensitivity", help="per-layer sensitivity scans").add_subparsers(
+        dest="action", required=True, parser_class=_Parser)
+    scan_run = scan.add_parser("run", help="compress each layer alone and record what it costs")
+    scan_run.add_argument("--model", required=True)
+    scan_run.add_argument("--method", required=True)
+    scan_run.add_argument("--params", default="{}", help="the setting as JSON, e.g. '{\"amount\": 0.8}'")
+    scan_run.add_argument("--task")
+    scan_run.add_argument("--wait", action="store_true")
+    scan_run.add_argument("--json", action="store_true")
+    scan_show = scan.add_parser("show", help="the latest scan of a model with a method")
+    scan_show.add_argument("--model", required=True)
+    scan_show.add_argument("--method", required=True)
+    scan_show.add_argument("--json", action="store_true")
+
     jobs = sub.add_parser("jobs").add_subparsers(dest="action", required=True, parser_class=_Parser)
     jobs_list = jobs.add_parser("list")
     jobs_list.add_argument("--status")
@@ -158,6 +172,36 @@ def _job_failed(job: dict) -> int:
     return 1 if internal else 2
 
 
+def _sensitivity(db, args, as_json: bool) -> int:
+    from services import api
+
+    if args.action == "run":
+        try:
+            params = json.loads(args.params)
+        except json.JSONDecodeError as error:
+            raise UserError(f"--params is not valid JSON: {error.msg}.", field="params") from None
+        if not isinstance(params, dict):
+            raise UserError("--params must be a JSON object such as '{\"amount\": 0.8}'.", field="params")
+        submitted = api.submit_sensitivity(db, args.model, args.method, params, args.task)
+        if not args.wait:
+            _print(submitted, as_json)
+            return 0
+        job = api.wait_for_job(db, submitted["job_id"])
+        if job["status"] != "succeeded":
+            return _job_failed(job)
+    scan = api.latest_scan(db, args.model, args.method)
+    if scan is None:
+        raise UserError(f"No sensitivity scan of {args.method} on {args.model} yet; run "
+                        f"`python -m services sensitivity run --model {args.model} --method {args.method}`.")
+    if as_json:
+        _print(scan, True)
+    else:
+        print(f"{scan['method']} on {scan['model_id']} ({scan['summary']['data']}), most sensitive first:")
+        for row in scan["layers"]:
+            print(f"  {row['layer']:<40} fidelity {row['fidelity']:.4f}  output error {row['output_error']:.4f}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "worker":
@@ -189,6 +233,8 @@ def main(argv=None) -> int:
             _print(api.get_run(db, submitted["run_id"]), as_json)
         else:
             _print(submitted, as_json)
+    elif args.command == "sensitivity":
+        return _sensitivity(db, args, as_json)
     elif args.command == "jobs" and args.action == "list":
         _print(api.list_jobs(db, args.status, args.limit, args.offset), as_json)
     elif args.command == "jobs" and args.action == "show":

@@ -213,11 +213,70 @@ def list_tasks() -> dict:
 
 
 def check_recipe(db, model_id: str, recipe) -> dict:
-    """Validate a recipe (dict or JSON/YAML text or a file path) for a model; returns it completed."""
+    """Validate a recipe (dict or JSON/YAML text or a file path) for a model; returns it completed,
+    with `skip_sensitive: N` resolved to the layer names of the latest sensitivity scan."""
     model = get_model(db, model_id)
     if isinstance(recipe, str):
         recipe = load_recipe_text(recipe)
-    return validate_recipe(recipe, model, model["tasks"])
+    clean = validate_recipe(recipe, model, model["tasks"])
+    for index, step in enumerate(clean["steps"]):
+        wanted = step["params"].get("skip_sensitive", 0)
+        if not wanted:
+            continue
+        method = REGISTRY[step["method"]]
+        scan = latest_scan(db, model_id, step["method"])
+        if scan is None:
+            raise UserError(f"Step {index + 1} ({step['method']}): skip_sensitive needs a sensitivity scan of "
+                            f"{step['method']} on {model_id}; run one first (Compress page, 'Scan layers').",
+                            field=f"steps.{index}.skip_sensitive")
+        if wanted > len(scan["layers"]):
+            raise UserError(f"Step {index + 1} ({step['method']}): skip_sensitive is {wanted}, but the latest scan "
+                            f"found only {len(scan['layers'])} layers.", field=f"steps.{index}.skip_sensitive")
+        sensitive = [row["layer"] for row in scan["layers"][:wanted]]
+        kept = step["params"][method.skip_param]
+        step["params"][method.skip_param] = kept + [name for name in sensitive if name not in kept]
+    return clean
+
+
+# ---- sensitivity scans --------------------------------------------------------------------
+
+def submit_sensitivity(db, model_id: str, method_name: str, params: dict | None = None,
+                       task: str | None = None) -> dict:
+    """Queue a per-layer scan: each layer compressed alone with `params`, scored on the fitting split."""
+    model = get_model(db, model_id)
+    method = REGISTRY.get(method_name)
+    if method is None:
+        raise UserError(f"Unknown method {method_name!r}; known methods: {', '.join(sorted(REGISTRY))}.",
+                        field="method")
+    if not method.scannable:
+        scannable = [name for name, m in REGISTRY.items() if m.scannable]
+        raise UserError(f"{method_name} has no per-layer scan; these methods do: {', '.join(scannable)}.",
+                        field="method")
+    params = {k: v for k, v in (params or {}).items() if k not in ("skip_sensitive", method.skip_param)}
+    clean = validate_recipe({"task": task, "steps": [{"method": method_name, "params": params}]}, model,
+                            model["tasks"])
+    step_params = clean["steps"][0]["params"]
+    job_id = q.enqueue(db, "sensitivity", model_id,
+                       {"method": method_name, "params": step_params, "task": clean["task"]})
+    return {"job_id": job_id, "status": "queued", "method": method_name, "params": step_params,
+            "task": clean["task"]}
+
+
+def _scan_record(row: dict) -> dict:
+    return {"job_id": row["job_id"], "model_id": row["model_id"], "method": row["method"], "task": row["task"],
+            "params": json.loads(row["params"]), "layers": json.loads(row["layers"]),
+            "summary": json.loads(row["summary"]), "created_at": row["created_at"]}
+
+
+def latest_scan(db, model_id: str, method_name: str) -> dict | None:
+    rows = list(db.query("SELECT * FROM scans WHERE model_id = ? AND method = ? ORDER BY created_at DESC, "
+                         "rowid DESC LIMIT 1", [model_id, method_name]))
+    return _scan_record(rows[0]) if rows else None
+
+
+def list_scans(db, model_id: str | None = None) -> list[dict]:
+    where, args = ("WHERE model_id = ?", [model_id]) if model_id else ("", [])
+    return [_scan_record(row) for row in db.query(f"SELECT * FROM scans {where} ORDER BY created_at DESC", args)]
 
 
 def submit_compress(db, model_id: str, recipe) -> dict:
@@ -335,6 +394,13 @@ def artifact_bytes(db, run: dict) -> bytes:
     from storage import ArtifactStore
 
     return ArtifactStore(db.home).resolve(run["artifact"]).read_bytes()
+
+
+def run_file_bytes(db, run: dict, name: str) -> bytes:
+    """A file a run keeps beside its model (a trimmed vocabulary's tokenizer.json)."""
+    from storage import ArtifactStore
+
+    return ArtifactStore(db.home).resolve(run["files"][name]).read_bytes()
 
 
 def ratios(metrics: dict, baseline: dict) -> dict:

@@ -170,18 +170,18 @@ def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
         why_not = method.why_not(model["format"], architecture_of(model))
         if why_not:
             raise UserError(f"{name} does not apply to {model['id']}: it {why_not}", field=f"steps.{index}.method")
-        if quantized_by is not None and (method.quantizes or method.stage == "torch"):
-            raise UserError(f"Step {index + 1} ({name}) needs float weights, but step {quantized_by[0] + 1} "
-                            f"({quantized_by[1]}) has already turned them into integers; put {name} before {quantized_by[1]}, "
-                            f"or keep one quantization step.", field=f"steps.{index}.method")
-        if method.quantizes:
-            quantized_by = (index, name)
         if method.stage == "onnx" and first_onnx_step is None:
             first_onnx_step = (index, name)
         if method.stage == "torch" and first_onnx_step is not None:
             raise UserError(f"Step {index + 1} ({name}) changes the PyTorch model, but step {first_onnx_step[0] + 1} "
                             f"({first_onnx_step[1]}) has already turned it into an ONNX graph; put {name} "
                             f"before {first_onnx_step[1]}.", field=f"steps.{index}.method")
+        if quantized_by is not None and (method.quantizes or method.stage == "torch"):
+            raise UserError(f"Step {index + 1} ({name}) needs float weights, but step {quantized_by[0] + 1} "
+                            f"({quantized_by[1]}) has already turned them into integers; put {name} before {quantized_by[1]}, "
+                            f"or keep one quantization step.", field=f"steps.{index}.method")
+        if method.quantizes:
+            quantized_by = (index, name)
         params = step.get("params") or {}
         if not isinstance(params, dict):
             raise UserError(f"Step {index + 1} ({name}): 'params' must be an object.", field=f"steps.{index}")

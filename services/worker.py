@@ -128,8 +128,15 @@ class Worker:
         model_update = result.get("model_update")
         if model_update and "card" in model_update:
             model_update = {**model_update, "card": _json(model_update["card"])}
+        scan = None
+        if "scan" in result:
+            produced = result["scan"]
+            scan = {"job_id": job["id"], "model_id": job["model_id"], "method": job["payload"]["method"],
+                    "task": job["payload"]["task"], "params": _json(job["payload"]["params"]),
+                    "layers": _json(produced["layers"]), "summary": _json(produced["summary"]),
+                    "created_at": q.utcnow()}
         runner = result.get("run", {}).get("runner") or {"executor": self.executor.name, "node": platform.node()}
-        q.succeed(self.db, job["id"], self.id, run=run, runner=runner, model_update=model_update)
+        q.succeed(self.db, job["id"], self.id, run=run, runner=runner, model_update=model_update, scan=scan)
 
 
 def _json(value) -> str:

@@ -98,7 +98,25 @@ def _m2_uploads_and_datasets(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS = [_m1_initial, _m2_uploads_and_datasets]
+def _m3_sensitivity_scans(db: sqlite_utils.Database) -> None:
+    """Per-layer sensitivity scans: which layers a method hurts most when compressed alone."""
+    db.execute(
+        """
+        CREATE TABLE scans (
+            job_id TEXT PRIMARY KEY REFERENCES jobs(id),  -- one scan per job, however often attempted
+            model_id TEXT NOT NULL REFERENCES models(id),
+            method TEXT NOT NULL,
+            task TEXT NOT NULL,
+            params TEXT NOT NULL,          -- JSON: the setting each layer was compressed at
+            layers TEXT NOT NULL,          -- JSON: [{layer, fidelity, fidelity_worst, drop}], most sensitive first
+            summary TEXT NOT NULL,         -- JSON: data it was measured on, baseline, seconds
+            created_at TEXT NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX scans_model_method ON scans(model_id, method, created_at)")
+
+
+MIGRATIONS = [_m1_initial, _m2_uploads_and_datasets, _m3_sensitivity_scans]
 
 
 def schema_version(db: sqlite_utils.Database) -> int:

@@ -124,7 +124,7 @@ def _finish(db, job_id: str, worker_id: str, status: str, **fields) -> bool:
 
 
 def succeed(db, job_id: str, worker_id: str, run: dict | None = None, runner: dict | None = None,
-            model_update: dict | None = None) -> bool:
+            model_update: dict | None = None, scan: dict | None = None) -> bool:
     """Mark the job succeeded and store what it made in the same transaction (keyed by job id)."""
     with immediate(db):
         done = _finish(db, job_id, worker_id, "succeeded", progress=1.0, message="done",
@@ -140,6 +140,10 @@ def succeed(db, job_id: str, worker_id: str, run: dict | None = None, runner: di
             columns = ", ".join(run)
             marks = ", ".join("?" for _ in run)
             db.execute(f"INSERT OR REPLACE INTO runs ({columns}) VALUES ({marks})", list(run.values()))
+        if done and scan is not None:
+            columns = ", ".join(scan)
+            marks = ", ".join("?" for _ in scan)
+            db.execute(f"INSERT OR REPLACE INTO scans ({columns}) VALUES ({marks})", list(scan.values()))
     return done
 
 

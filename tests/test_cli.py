@@ -134,7 +134,7 @@ def test_quantize_dynamic_makes_the_file_much_smaller(cli_runs):
     # the defaults were filled into the stored recipe
     assert record["recipe"]["steps"] == [{"method": "quantize.dynamic", "params": {
         "per_channel": True, "reduce_range": False, "weight_type": "int8",
-        "operators": ["MatMul", "Gather"], "keep_float_nodes": []}}]
+        "operators": ["MatMul", "Gather"], "keep_float_nodes": [], "skip_sensitive": 0}}]
 
 
 def test_magnitude_pruning_shrinks_the_zipped_file_and_zeroes_weights(cli_runs):
@@ -144,7 +144,7 @@ def test_magnitude_pruning_shrinks_the_zipped_file_and_zeroes_weights(cli_runs):
     assert metrics["params"] == baseline["params"] == baseline["nonzero_params"]
     assert 0.18 <= metrics["nonzero_params"] / metrics["params"] <= 0.22
     assert cli_runs.pruned["recipe"]["steps"] == [
-        {"method": "prune.magnitude", "params": {"amount": 0.8, "scope": "global"}}]
+        {"method": "prune.magnitude", "params": {"amount": 0.8, "scope": "global", "skip_layers": [], "skip_sensitive": 0}}]
 
 
 def test_compress_without_wait_queues_a_job(home, tmp_path):

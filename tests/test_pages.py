@@ -145,7 +145,7 @@ def test_compress_form_is_built_from_the_registry(ui_home):
     assert [r.label for r in at.radio] == ["scope"]
 
     recipe = json.loads(at.code[0].value)
-    assert recipe["steps"] == [{"method": "prune.magnitude", "params": {"amount": 0.5, "scope": "global"}}]
+    assert recipe["steps"] == [{"method": "prune.magnitude", "params": {"amount": 0.5, "scope": "global", "skip_layers": [], "skip_sensitive": 0}}]
 
     amount.set_value(0.7).run()
     assert json.loads(at.code[0].value)["steps"][0]["params"]["amount"] == pytest.approx(0.7)
@@ -165,7 +165,8 @@ def test_compress_submit_queues_a_job_with_the_recipe(ui_db):
     job = jobs[0]
     assert (job["kind"], job["model_id"], job["status"]) == ("compress", "digits-cnn", "queued")
     assert job["payload"]["recipe"]["steps"] == [
-        {"method": "prune.magnitude", "params": {"amount": pytest.approx(0.3), "scope": "global"}}]
+        {"method": "prune.magnitude", "params": {"amount": pytest.approx(0.3), "scope": "global", "skip_layers": [],
+                                                 "skip_sensitive": 0}}]
     assert job["payload"]["recipe"]["task"] == "digits"
 
     assert any(job["id"][:12] in text and "queued" in text for text in texts(at.success))

@@ -22,7 +22,7 @@ ONNX_MODEL = {"id": "uploaded", "format": "onnx", "task": "fidelity"}
 TASKS = ["digits", "fidelity"]
 
 QUANTIZE_DEFAULTS = {"per_channel": True, "reduce_range": False, "weight_type": "int8",
-                     "operators": ["MatMul", "Gather"], "keep_float_nodes": []}
+                     "operators": ["MatMul", "Gather"], "keep_float_nodes": [], "skip_sensitive": 0}
 
 
 def _validate(recipe, model=TORCH_MODEL, tasks=TASKS):
@@ -41,7 +41,7 @@ def test_defaults_are_filled_in():
     clean = _validate({"steps": [{"method": "prune.magnitude"}, {"method": "quantize.dynamic", "params": {}}]})
     assert clean == {
         "task": "digits",  # the model's own task
-        "steps": [{"method": "prune.magnitude", "params": {"amount": 0.5, "scope": "global"}},
+        "steps": [{"method": "prune.magnitude", "params": {"amount": 0.5, "scope": "global", "skip_layers": [], "skip_sensitive": 0}},
                   {"method": "quantize.dynamic", "params": QUANTIZE_DEFAULTS}],
         "recovery": {"objective": "none"},
     }
@@ -56,7 +56,7 @@ def test_given_values_are_kept_and_normalised():
     assert clean["task"] == "fidelity"
     assert clean["name"] == "n" * 100
     prune, quantize = (step["params"] for step in clean["steps"])
-    assert prune == {"amount": 0.0, "scope": "per_layer"}
+    assert prune == {"amount": 0.0, "scope": "per_layer", "skip_layers": [], "skip_sensitive": 0}
     assert isinstance(prune["amount"], float)  # an int given for a float parameter is stored as a float
     assert quantize["operators"] == ["Conv", "MatMul"]  # a comma list becomes a list
     assert quantize["keep_float_nodes"] == ["/Gemm_1"]
@@ -99,7 +99,8 @@ recovery:
 """
     recipe = load_recipe_text(text)
     clean = _validate(recipe)
-    assert clean["steps"][0] == {"method": "prune.magnitude", "params": {"amount": 0.7, "scope": "per_layer"}}
+    assert clean["steps"][0] == {"method": "prune.magnitude", "params": {"amount": 0.7, "scope": "per_layer",
+                                                                         "skip_layers": [], "skip_sensitive": 0}}
     assert clean["steps"][1]["params"]["per_channel"] is False
 
 

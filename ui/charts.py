@@ -74,3 +74,19 @@ def comparison_bars(metrics: dict, baseline: dict) -> alt.Chart:
         )
         .properties(height=260)
     )
+
+
+def sensitivity_chart(layers: list[dict], top: int = 20) -> alt.Chart:
+    """The layers that cost most when compressed alone (most sensitive at the top)."""
+    frame = pd.DataFrame(layers[:top])
+    frame["lost"] = 100.0 * (1.0 - frame["fidelity"])
+    return (
+        alt.Chart(frame)
+        .mark_bar(color="#d62728")
+        .encode(
+            y=alt.Y("layer", title=None, sort=None, axis=alt.Axis(labelLimit=260)),
+            x=alt.X("lost", title="Agreement with the original lost when only this layer is compressed (%)"),
+            tooltip=["layer", alt.Tooltip("fidelity", format=".4f"), alt.Tooltip("output_error", format=".4f")],
+        )
+        .properties(height=max(120, 22 * len(frame)))
+    )

@@ -40,6 +40,11 @@ def session(path: Path) -> ort.InferenceSession:
     return _session(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
 
 
+def fresh_session(path: Path) -> ort.InferenceSession:
+    """A session that is not kept: for many short-lived files (a sensitivity scan's one-layer models)."""
+    return _session.__wrapped__(str(Path(path).resolve()), 0, 0)
+
+
 @lru_cache(maxsize=4)
 def _session(path: str, mtime_ns: int, size: int) -> ort.InferenceSession:
     options = ort.SessionOptions()

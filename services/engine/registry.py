@@ -48,6 +48,12 @@ class Method:
     quantizes: bool = False
     effect_note: str = ""  # shown beside results: what to expect from this method's numbers
     apply: Callable | None = field(default=None, compare=False, repr=False)
+    # Per-layer sensitivity: `layer_names(target)` lists the layers `apply` can compress one at a
+    # time (target = the torch module for torch-stage methods, the ONNX path for onnx-stage ones);
+    # `apply` then honours params["only_layers"] (the scan) and the names in params[skip_param]
+    # (layers left alone; `skip_sensitive: N` adds the N most sensitive of the latest scan).
+    layer_names: Callable | None = field(default=None, compare=False, repr=False)
+    skip_param: str = ""
 
     def schema(self) -> dict:
         return {
@@ -58,9 +64,15 @@ class Method:
             "applies_to": list(self.applies_to),
             "architectures": list(self.architectures),
             "quantizes": self.quantizes,
+            "sensitivity": self.scannable,
+            "skip_param": self.skip_param,
             "effect_note": self.effect_note,
             "params": [p.schema() for p in self.params],
         }
+
+    @property
+    def scannable(self) -> bool:
+        return self.layer_names is not None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

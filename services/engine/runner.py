@@ -48,6 +48,10 @@ def main(job_id: str) -> int:
         elif job["kind"] == "compress":
             payload = job["payload"]
             result = pipeline.compress(store, model, payload["recipe"], payload["run_id"], progress)
+        elif job["kind"] == "sensitivity":
+            from services.engine import sensitivity
+
+            result = sensitivity.scan(store, model, job["payload"], job_id, progress)
         else:
             raise UserError(f"Unknown job kind {job['kind']!r}.")
         emit({"type": "result", "result": result})

@@ -6,6 +6,26 @@ from services.engine.registry import Method, Param
 OPERATORS = ("MatMul", "Gather", "Conv")
 
 
+def _weighted_nodes(graph, operators) -> dict[str, str]:
+    """Nodes of the chosen kinds that have a constant weight (an initializer), by name -> op type."""
+    constants = {t.name for t in graph.initializer}
+    return {node.name: node.op_type for node in graph.node
+            if node.op_type in (*operators, *(("Gemm",) if "MatMul" in operators else ()))
+            and any(name in constants for name in node.input)}
+
+
+def layer_names(onnx_path) -> list[str]:
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return list(_weighted_nodes(graph, OPERATORS))
+
+
+def _quantizer_name(name: str, op_type: str) -> str:
+    # The quantizer renames a Gemm to <name>_MatMul when it rewrites it; refer to it under that name.
+    return f"{name}_MatMul" if op_type == "Gemm" else name
+
+
 def apply(onnx_in, onnx_out, params: dict, context) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -21,8 +41,8 @@ def apply(onnx_in, onnx_out, params: dict, context) -> None:
             candidates = [n for n, op in nodes.items() if op in ("MatMul", "Gemm", "Conv", "Gather")][:6]
             raise context.user_error(f"There is no node named {name!r} in this model; quantizable nodes include "
                                      f"{', '.join(candidates)}.")
-        # The quantizer renames a Gemm to <name>_MatMul when it rewrites it; exclude it under that name.
-        excluded.append(f"{name}_MatMul" if nodes[name] == "Gemm" else name)
+        excluded.append(_quantizer_name(name, nodes[name]))
+    only = [_quantizer_name(name, nodes[name]) for name in params.get("only_layers", []) if name in nodes]
     quantize_dynamic(
         model_input=str(onnx_in),
         model_output=str(onnx_out),
@@ -31,7 +51,12 @@ def apply(onnx_in, onnx_out, params: dict, context) -> None:
         weight_type=QuantType.QInt8 if params["weight_type"] == "int8" else QuantType.QUInt8,
         op_types_to_quantize=list(params["operators"]),
         nodes_to_exclude=excluded,
+        nodes_to_quantize=only or None,  # a sensitivity scan quantizes one node at a time
     )
+    if params["keep_float_nodes"]:
+        context.notes.append(f"quantize.dynamic kept {len(params['keep_float_nodes'])} node(s) in float: "
+                             f"{', '.join(params['keep_float_nodes'][:8])}"
+                             f"{' …' if len(params['keep_float_nodes']) > 8 else ''}.")
     quantized = onnx.load(str(onnx_out), load_external_data=False).graph
     if not any(t.name.endswith("_quantized") for t in quantized.initializer):
         present = sorted({op for op in nodes.values() if op in ("MatMul", "Gemm", "Conv", "Gather")})
@@ -66,8 +91,13 @@ METHOD = Method(
               choices=OPERATORS),
         Param("keep_float_nodes", "names", [],
               "Names of graph nodes to leave in float (for example a sensitive first or last layer)."),
+        Param("skip_sensitive", "int", 0,
+              "Also keep in float the N nodes that the latest sensitivity scan of this method found most "
+              "sensitive (run a scan first).", minimum=0, maximum=1000, step=1),
     ),
     effect_note=("Quantized weights take 4x less space; the file shrinks less when some layers stay float. "
                  "Speed depends on the operators: MatMul gains on large models, Conv usually loses."),
     apply=apply,
+    layer_names=layer_names,
+    skip_param="keep_float_nodes",
 )
