@@ -44,12 +44,17 @@ class LocalJobHandle:
                # that the web process, other workers and the timing runs share (torch reads these).
                "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                # Libraries' caches (ONNX Runtime writes one on import) stay inside the data folder.
-               "XDG_CACHE_HOME": str(Path(home) / "cache"), "HF_HOME": str(Path(home) / "cache" / "huggingface")}
+               "XDG_CACHE_HOME": str(Path(home) / "cache"), "HF_HOME": str(Path(home) / "cache" / "huggingface"),
+               # Temporary files, and files a library drops in its working folder (ONNX Runtime's shape
+               # inference writes beside it), land in the data folder too, never in the project.
+               "TMPDIR": str(Path(home) / "tmp"),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+        (Path(home) / "tmp").mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "services.engine.runner", job["id"]],
-            cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=Path(home) / "tmp", env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             pass_fds=(write_fd,), start_new_session=True, preexec_fn=_die_with_parent)
         os.close(write_fd)
         self._events: queue.Queue = queue.Queue()

@@ -74,9 +74,17 @@ def load_model(path: Path) -> onnx.ModelProto:
 def parameter_counts(path: Path) -> dict:
     graph = load_model(path).graph
     initializers = {t.name: t for t in graph.initializer}
+    # A static (QDQ) model says along which axis each weight's scales and zero points run.
+    axes = {node.input[0]: next((a.i for a in node.attribute if a.name == "axis"), 1)
+            for node in graph.node if node.op_type == "DequantizeLinear"}
+    four_bit, block_bookkeeping = _four_bit_weights(graph, initializers)
     params = nonzero = 0
     for name, tensor in initializers.items():
-        if name.endswith(_BOOKKEEPING_SUFFIXES):
+        if name in four_bit:
+            params += four_bit[name][0]
+            nonzero += four_bit[name][1]
+            continue
+        if name.endswith(_BOOKKEEPING_SUFFIXES) or name in block_bookkeeping:
             continue
         values = numpy_helper.to_array(tensor)
         if values.size <= 1 or not np.issubdtype(values.dtype, np.number):
@@ -84,13 +92,56 @@ def parameter_counts(path: Path) -> dict:
         if np.issubdtype(values.dtype, np.integer) and not name.endswith("_quantized"):
             continue  # shape constants that the quantizer adds are not weights either
         params += int(values.size)
-        zero_point = _zero_point(initializers, name, values)
+        zero_point = _zero_point(initializers, name, values, axes.get(name))
         nonzero += int(np.count_nonzero(values.astype(np.int64) - zero_point if zero_point is not None else values))
     return {"params": params, "nonzero_params": nonzero}
 
 
-def _zero_point(initializers: dict, name: str, values: np.ndarray):
-    """An int8 weight's 'zero' is its stored zero point, per tensor or per channel."""
+def _four_bit_weights(graph, initializers: dict) -> tuple[dict, set]:
+    """Weights stored in 4-bit blocks (quantize.int4_weights): {initializer: (weights, non-zero weights)},
+    and the names of their block scales and zero points, which are bookkeeping. MatMulNBits packs
+    two weights a byte, low nibble first, per output column in blocks padded to block_size;
+    GatherBlockQuantized keeps the table's shape. A weight is zero when it equals its block's zero
+    point (default 8 for unsigned, 0 for signed 4-bit)."""
+    weights, bookkeeping = {}, set()
+    for node in graph.node:
+        if node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        data_index = 1 if node.op_type == "MatMulNBits" else 0
+        name = node.input[data_index]
+        if name not in initializers or attrs.get("bits", 4) != 4:
+            continue
+        bookkeeping.update(node.input[2:4])  # both ops: input 2 the block scales, 3 the zero points
+        block = attrs["block_size"]
+        zp_name = node.input[3] if len(node.input) > 3 else ""
+        if node.op_type == "MatMulNBits":
+            packed = numpy_helper.to_array(initializers[name])
+            n, k = attrs["N"], attrs["K"]
+            values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1, block)
+            if zp_name in initializers:
+                zp_packed = numpy_helper.to_array(initializers[zp_name]).reshape(n, -1)
+                zp = np.stack([zp_packed & 0x0F, zp_packed >> 4], axis=-1).reshape(n, -1)[:, :values.shape[1]]
+            else:
+                zp = np.full(values.shape[:2], 8)
+            is_nonzero = (values.astype(np.int64) != zp[..., None]).reshape(n, -1)[:, :k]
+            weights[name] = (n * k, int(is_nonzero.sum()))
+        else:
+            tensor = initializers[name]
+            values = numpy_helper.to_array(tensor).astype(np.int64)
+            axis = attrs.get("quantize_axis", 1) % values.ndim
+            if zp_name in initializers:
+                zp = numpy_helper.to_array(initializers[zp_name]).astype(np.int64)
+                zp = np.repeat(zp, block, axis=axis).take(range(values.shape[axis]), axis=axis)
+            else:
+                zp = 8 if tensor.data_type == onnx.TensorProto.UINT4 else 0
+            weights[name] = (int(values.size), int(np.count_nonzero(values - zp)))
+    return weights, bookkeeping
+
+
+def _zero_point(initializers: dict, name: str, values: np.ndarray, axis: int | None = None):
+    """An int8 weight's 'zero' is its stored zero point, per tensor or per channel (along `axis`
+    when a DequantizeLinear names it: a Gemm's (N, K) weight is quantized along axis 0)."""
     if not np.issubdtype(values.dtype, np.integer) or not name.endswith("_quantized"):
         return None
     zp_tensor = initializers.get(name[: -len("_quantized")] + "_zero_point")
@@ -99,6 +150,8 @@ def _zero_point(initializers: dict, name: str, values: np.ndarray):
     zp = numpy_helper.to_array(zp_tensor).astype(np.int64)
     if zp.size == 1:
         return zp.reshape(())
+    if axis is not None:
+        return zp.reshape([-1 if d == axis % values.ndim else 1 for d in range(values.ndim)])
     if values.ndim == 2:  # MatMul weights (K, N) are quantized per output column
         return zp.reshape(1, -1)
     return zp.reshape((-1,) + (1,) * (values.ndim - 1))  # Conv weights per output channel
@@ -181,6 +234,9 @@ def params_by_op(path: Path) -> dict:
     shape_types = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)  # shape constants, not weights
     sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer
              if int(np.prod(t.dims)) > 1 and t.data_type not in shape_types}
+    four_bit, block_bookkeeping = _four_bit_weights(model.graph, {t.name: t for t in model.graph.initializer})
+    sizes = {name: four_bit[name][0] if name in four_bit else size for name, size in sizes.items()
+             if name not in block_bookkeeping}
     counted, out = set(), {}
     for node in model.graph.node:
         for name in node.input:

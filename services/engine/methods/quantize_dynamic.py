@@ -31,7 +31,9 @@ def apply(onnx_in, onnx_out, params: dict, context) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     graph = onnx.load(str(onnx_in), load_external_data=False).graph
-    if any(t.name.endswith("_quantized") for t in graph.initializer):
+    from services.engine.methods.quantize_static import already_quantized
+
+    if already_quantized(graph):  # int8 from any quantizer, or 4-bit MatMulNBits
         raise context.user_error("This model is already quantized to int8; quantizing it again changes nothing "
                                  "useful. Remove the second quantization step.")
     nodes = {node.name: node.op_type for node in graph.node}
