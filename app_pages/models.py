@@ -45,9 +45,17 @@ def import_form() -> None:
         help="One NAME=D1,D2,… per input, separated by ';'. The first dimension is the batch; every other "
              "dynamic dimension needs a size.")
     datasets = {d["id"]: d for d in api.list_datasets(db)} if hasattr(api, "list_datasets") else {}
-    dataset_id = st.selectbox("Score it on your data (optional)", [None, *datasets], key="import-dataset",
-                              format_func=lambda i: "synthetic inputs, scored on fidelity" if i is None else
-                              f"{datasets[i]['name']} ({'labelled' if datasets[i]['has_labels'] else 'no labels'})")
+    kinds = {"csv": "CSV text", "npz": "NPZ arrays", "wav": "WAV audio"}
+    dataset_id = st.selectbox(
+        "Score it on your data (optional)", [None, *datasets], key="import-dataset",
+        format_func=lambda i: "built-in inputs, scored on fidelity" if i is None else
+        f"{datasets[i]['name']} ({kinds.get(datasets[i]['kind'], datasets[i]['kind'])}, "
+        f"{'labelled' if datasets[i]['has_labels'] else 'no labels'})",
+        help="A CSV (text,label) scores a Hugging Face text model: its texts are tokenized with the model's own "
+             "tokenizer. An NPZ (X, y) feeds an ONNX model's one input. A zip of WAV files feeds an ONNX audio model "
+             "whose input is a waveform (batch, samples) or log-mel frames (batch, frames, 80). With labels and a "
+             "model that gives one score per label, it is scored on accuracy; otherwise on fidelity. Every 5th row "
+             "of a CSV or WAV set of 50 or more is kept apart for calibration and never scored.")
     if st.button("Import", type="primary", key="import-submit", disabled=upload is None and not hub.strip()):
         try:
             if upload is not None:

@@ -105,6 +105,8 @@ def import_model(db, source, filename: str | None = None, name: str | None = Non
                             field="input_shapes")
         meta["input_shapes"] = shapes
         task = _import_task(task, meta["kind"], dataset)
+        if dataset:  # a data set the model cannot read is refused now, before anything is stored
+            imports.check_data_fits(meta, dataset, task, staging)
         model_id = _new_model_id(db, (name or "").strip() or default_name)
         if staging is not None:
             final = home / "uploads" / model_id
@@ -123,21 +125,28 @@ def import_model(db, source, filename: str | None = None, name: str | None = Non
 
 
 def _dataset_for_import(db, dataset_id: str) -> dict:
+    """What the import job needs to know of the data set (kept in the model's meta): where it lies,
+    its kind, and its labels (the class names of its summary) to check against the model's outputs."""
     rows = list(db.query("SELECT * FROM datasets WHERE id = ?", [dataset_id]))
     if not rows:
         raise UserError(f"Unknown data set {dataset_id!r}.", field="dataset")
     row = rows[0]
-    return {"id": row["id"], "name": row["name"], "kind": row["kind"], "has_labels": bool(row["has_labels"]),
-            "path": row["path"]}
+    summary = json.loads(row["summary"] or "{}") if isinstance(row["summary"], str) else (row["summary"] or {})
+    record = {"id": row["id"], "name": row["name"], "kind": row["kind"], "has_labels": bool(row["has_labels"]),
+              "path": row["path"]}
+    if summary.get("classes"):
+        record["classes"] = sorted(summary["classes"])
+    if summary.get("label_type"):
+        record["label_type"] = summary["label_type"]
+    if (summary.get("X") or {}).get("shape"):
+        record["x_shape"] = summary["X"]["shape"]
+    return record
 
 
 def _import_task(task: str | None, kind: str, dataset: dict | None) -> str:
     from services import imports
 
     labelled = bool(dataset and dataset["has_labels"])
-    if dataset and kind != "onnx":
-        raise UserError("A data set can be attached to an ONNX model only; a Hugging Face model is scored on a "
-                        "fixed text set.", field="dataset")
     if not task:
         return "your-data" if labelled else "fidelity"
     if task not in imports.UPLOAD_TASKS:
@@ -146,9 +155,10 @@ def _import_task(task: str | None, kind: str, dataset: dict | None) -> str:
     if task == "your-data" and not labelled:
         raise UserError("Task 'your-data' scores the model against the labels of an attached data set; attach a "
                         "data set with labels, or use 'fidelity'.", field="task")
-    if kind == "hf" and task != "fidelity":
-        raise UserError(f"A Hugging Face upload is scored on 'fidelity' (agreement with the original on a fixed "
-                        f"text set); {task!r} needs the built-in model's own inputs.", field="task")
+    if kind == "hf" and task not in ("fidelity", "your-data"):
+        raise UserError(f"A Hugging Face upload is scored on 'fidelity' (agreement with the original) or on "
+                        f"'your-data' (the labels of an attached CSV); {task!r} needs the built-in model's own "
+                        f"inputs.", field="task")
     return task
 
 

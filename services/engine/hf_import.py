@@ -3,6 +3,11 @@ into a sentence encoder: safetensors weights only, transformers' AutoModel from 
 with trust_remote_code=False, the last hidden state mean-pooled over real tokens, exported to ONNX
 with a dynamic batch and sequence.
 
+With a CSV data set attached, a model whose config names a sequence-classification head
+(architectures: *ForSequenceClassification) is loaded with that head instead
+(AutoModelForSequenceClassification) and exported with its class logits, so that it can be scored
+against the data set's labels (meta["head"] = "sequence-classification", meta["id2label"]).
+
 A pickle checkpoint (pytorch_model.bin) is read only with torch.load(weights_only=True), which
 refuses anything but tensors and plain containers, then rewritten as safetensors and deleted.
 Runs in the import job's child process; nothing here runs code from the upload.
@@ -33,21 +38,36 @@ def _first_line(error: BaseException) -> str:
     return line[:300].rstrip(".")
 
 
-def import_folder(folder: Path, meta: dict, onnx_path: Path, label: str, progress: Progress) -> Path:
-    """Safetensors check, AutoModel, mean pooling, ONNX export; records input names and vocabulary size."""
+SEQUENCE_CLASSIFICATION = "sequence-classification"
+
+
+def is_sequence_classifier(config) -> bool:
+    return any(str(a).endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+
+
+def import_folder(folder: Path, meta: dict, onnx_path: Path, label: str, progress: Progress,
+                  use_head: bool = False) -> Path:
+    """Safetensors check, AutoModel (with its sequence-classification head when use_head and the config
+    has one), mean pooling or class logits, ONNX export; records input names, vocabulary size, head."""
     from services.engine.export import export_onnx
 
     progress(0.1, "checking the weights (safetensors only)")
     ensure_safetensors(folder, label)
     progress(0.2, "loading it with transformers (no code from the upload runs)")
-    encoder = load_auto_model(folder)
-    config = encoder.config
-    meta["input_names"] = _input_names(encoder, folder)
-    meta["vocab_size"] = int(getattr(config, "vocab_size", 0) or encoder.get_input_embeddings().num_embeddings)
+    config = load_config(folder)
+    head = SEQUENCE_CLASSIFICATION if use_head and is_sequence_classifier(config) else None
+    model = load_auto_model(folder, head)
+    meta["head"] = head
+    meta["architectures"] = list(getattr(config, "architectures", None) or [])
+    if head:
+        meta["num_labels"] = int(config.num_labels)
+        meta["id2label"] = {str(k): str(v) for k, v in (config.id2label or {}).items()}
+    meta["input_names"] = _input_names(model, folder)
+    meta["vocab_size"] = int(getattr(config, "vocab_size", 0) or model.get_input_embeddings().num_embeddings)
     meta["model_type"] = config.model_type
-    adapter = HFUploadAdapter(folder, meta["input_names"], meta["vocab_size"])
+    adapter = HFUploadAdapter(folder, meta["input_names"], meta["vocab_size"], head)
     progress(0.45, "exporting to ONNX (dynamic batch and sequence)")
-    net = MeanPooled(encoder, meta["input_names"]).eval()
+    net = adapter.wrap(model)
     try:
         export_onnx(net, adapter, onnx_path)
     except Exception as error:
@@ -108,9 +128,8 @@ def ensure_safetensors(folder: Path, label: str) -> None:
     (folder / "pytorch_model.bin.index.json").unlink(missing_ok=True)
 
 
-def load_auto_model(folder: Path):
-    """transformers' AutoModel from the local folder: safetensors only, no remote code, no network."""
-    from transformers import AutoConfig, AutoModel
+def load_config(folder: Path):
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
@@ -120,15 +139,25 @@ def load_auto_model(folder: Path):
     if getattr(config, "is_encoder_decoder", False):
         raise UserError(f"{config.model_type} is an encoder-decoder model; only encoder models (BERT-like) can be "
                         f"imported, scored by their mean-pooled output.")
+    return config
+
+
+def load_auto_model(folder: Path, head: str | None = None):
+    """transformers' AutoModel (or AutoModelForSequenceClassification for head='sequence-classification')
+    from the local folder: safetensors only, no remote code, no network."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    config = load_config(folder)
+    auto = AutoModelForSequenceClassification if head == SEQUENCE_CLASSIFICATION else AutoModel
     options = dict(config=config, trust_remote_code=False, local_files_only=True, use_safetensors=True)
     try:
         try:  # eager attention exports to plain ONNX operators
-            encoder = AutoModel.from_pretrained(str(folder), attn_implementation="eager", **options)
+            model = auto.from_pretrained(str(folder), attn_implementation="eager", **options)
         except ValueError:
-            encoder = AutoModel.from_pretrained(str(folder), **options)
+            model = auto.from_pretrained(str(folder), **options)
     except Exception as error:
         raise UserError(f"transformers could not load the {config.model_type} model: {_first_line(error)}.") from None
-    return encoder.eval()
+    return model.eval()
 
 
 def _input_names(encoder, folder: Path) -> list[str]:
@@ -164,20 +193,40 @@ class MeanPooled(nn.Module):
         return (hidden * mask).sum(1) / torch.clamp(mask.sum(1), min=1e-9)
 
 
-class HFUploadAdapter(ModelAdapter):
-    """An uploaded Hugging Face encoder: its module is rebuilt from the upload folder's safetensors."""
-    output_kind = "embedding"
-    output_names = ("embedding",)
+class ClassLogits(nn.Module):
+    """A sequence classifier's class logits (batch, classes): what it is scored on against labels."""
 
-    def __init__(self, folder: Path, input_names, vocab_size: int):
+    def __init__(self, classifier: nn.Module, input_names):
+        super().__init__()
+        self.classifier = classifier
+        self.input_names = tuple(input_names)
+
+    def forward(self, *args):
+        output = self.classifier(**dict(zip(self.input_names, args)))
+        logits = getattr(output, "logits", None)
+        return output[0] if logits is None else logits
+
+
+class HFUploadAdapter(ModelAdapter):
+    """An uploaded Hugging Face encoder: its module is rebuilt from the upload folder's safetensors,
+    mean-pooled (an embedding) or, with head='sequence-classification', its class logits."""
+
+    def __init__(self, folder: Path, input_names, vocab_size: int, head: str | None = None):
         self.folder = Path(folder)
         self.model_id = self.folder.name
         self.input_names = tuple(input_names)
         self.vocab_size = vocab_size
-        self.dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in self.input_names} | {"embedding": {0: "batch"}}
+        self.head = head
+        self.output_kind = "logits" if head else "embedding"
+        self.output_names = ("logits",) if head else ("embedding",)
+        self.dynamic_axes = ({n: {0: "batch", 1: "sequence"} for n in self.input_names}
+                             | {self.output_names[0]: {0: "batch"}})
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return (ClassLogits(model, self.input_names) if self.head else MeanPooled(model, self.input_names)).eval()
 
     def build(self):
-        return MeanPooled(load_auto_model(self.folder), self.input_names).eval()
+        return self.wrap(load_auto_model(self.folder, self.head))
 
     def create(self, progress: Progress):
         return self.build()
@@ -188,3 +237,26 @@ class HFUploadAdapter(ModelAdapter):
     def example_inputs(self) -> tuple:
         feed, _ = uploaded.text_feed(self.folder, list(self.input_names), self.vocab_size)
         return tuple(torch.from_numpy(feed[n][:2]) for n in self.input_names)
+
+    def encode(self, texts: list[str], tokenizer_file: Path | str | None = None) -> dict:
+        """Texts as the model's inputs, padded or cut to uploaded.MAX_TOKENS as the scored texts are: by
+        the upload's own tokenizer, or by `tokenizer_file` (a tokenizer.json a step rebuilt, vocab.trim)."""
+        import numpy as np
+
+        if tokenizer_file is None:
+            feed, _ = uploaded.text_feed(self.folder, list(self.input_names), self.vocab_size, count=len(texts),
+                                         texts=list(texts))
+            return feed
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        original = uploaded.load_tokenizer(self.folder)
+        pad_token = getattr(original, "pad_token", None) or "[PAD]"
+        pad_id = tokenizer.token_to_id(pad_token)
+        tokenizer.enable_truncation(uploaded.MAX_TOKENS)
+        tokenizer.enable_padding(length=uploaded.MAX_TOKENS, pad_id=0 if pad_id is None else pad_id,
+                                 pad_token=pad_token)
+        encodings = tokenizer.encode_batch(list(texts))
+        columns = {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings],
+                   "token_type_ids": [e.type_ids for e in encodings]}
+        return {name: np.array(columns[name], dtype=np.int64) for name in self.input_names}

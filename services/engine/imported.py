@@ -48,13 +48,15 @@ def prepare(store: ArtifactStore, model: dict, progress: Progress) -> dict:
     try:
         if meta["kind"] == "hf":
             onnx_path = _import_hf(store, model, meta, scratch, progress)
-            output_kind = "embedding"
+            output_kind = "logits" if meta.get("head") else "embedding"
         else:
             onnx_path, output_kind = _import_onnx(store, model, meta, scratch, progress)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     meta["output_kind"] = output_kind
     task, note = _settle_task(model["task"], meta, output_kind)
+    if task == "your-data":
+        note = _order_labels(meta, store.home) or note
     row = {**model, "task": task, "meta": meta}
     # The same measurements as pipeline.measure_model, arranged so that the zipped size (zlib, which
     # releases the GIL: seconds for a 90 MB model) is computed on the other core while the model is
@@ -65,6 +67,8 @@ def prepare(store: ArtifactStore, model: dict, progress: Progress) -> dict:
         evaluation = _sized_eval_set(task, row, onnx_path, store.home)
         progress(0.75, f"scoring the baseline on {evaluation.extra.get('data', task)}")
         outputs = measure.run_outputs(measure.session(onnx_path), evaluation)
+        if task == "your-data":
+            _check_class_count(meta, evaluation, outputs)
         card = {**measure.parameter_counts(onnx_path),
                 **tasks.score(task, model["id"], output_kind, evaluation, outputs, outputs)}
         card.update(io=measure.io_shapes(onnx_path), params_by_op=measure.params_by_op(onnx_path))
@@ -75,6 +79,8 @@ def prepare(store: ArtifactStore, model: dict, progress: Progress) -> dict:
                 eval_data=evaluation.extra.get("data", ""), import_seconds=round(time.perf_counter() - started, 2))
     if note:
         card["note"] = note
+    if meta.get("label_names") and task == "your-data":
+        card["label_order"] = {"by": meta["label_order"], "labels": meta["label_names"]}
     return {"model_update": {"status": "ready", "card": card, "artifact": store.relative(onnx_path), "error": None,
                              "task": task, "meta": json.dumps(meta)}}
 
@@ -107,7 +113,7 @@ def adapter_for(store: ArtifactStore, model: dict) -> ModelAdapter:
     if meta.get("kind") == "hf":
         from services.engine.hf_import import HFUploadAdapter
 
-        return HFUploadAdapter(_folder(store, meta), meta["input_names"], int(meta["vocab_size"]))
+        return HFUploadAdapter(_folder(store, meta), meta["input_names"], int(meta["vocab_size"]), meta.get("head"))
     adapter = ModelAdapter()
     adapter.model_id = model["id"]
     adapter.output_kind = meta.get("output_kind", "logits")
@@ -123,10 +129,41 @@ def _folder(store: ArtifactStore, meta: dict) -> Path:
 
 def _settle_task(task: str, meta: dict, output_kind: str) -> tuple[str, str]:
     """Labels score only class logits; otherwise the model is scored on fidelity, and the card says why."""
-    if task == "your-data" and output_kind != "logits":
-        return "fidelity", ("Scored on fidelity: the model's output does not look like class scores, so the data "
-                            "set's labels could not be used.")
-    return task, ""
+    if task != "your-data" or output_kind == "logits":
+        return task, ""
+    if meta.get("kind") == "hf":
+        named = ", ".join(meta.get("architectures") or []) or "no architecture"
+        return "fidelity", (f"Scored on fidelity over the data set's texts: the model has no sequence-classification "
+                            f"head (its config names {named}), so it gives a sentence embedding rather than one score "
+                            f"per label, and the data set's labels could not be used.")
+    return "fidelity", ("Scored on fidelity: the model's output does not look like class scores, so the data "
+                        "set's labels could not be used.")
+
+
+def _order_labels(meta: dict, home: Path) -> str:
+    """Which output each label of a CSV or WAV data set is: the config's id2label when its names are the
+    data set's labels, else the labels sorted (imports.label_order). Kept in the meta, so every later run
+    reads the labels the same way; returns the sentence the card shows."""
+    dataset = meta.get("dataset") or {}
+    if dataset.get("kind") not in ("csv", "wav"):
+        return ""
+    names, how = imports.label_order(uploaded.data_label_names(home, dataset), meta.get("id2label"))
+    meta["label_names"], meta["label_order"] = names, how
+    return imports.describe_label_order(names, how)
+
+
+def _check_class_count(meta: dict, evaluation, outputs) -> None:
+    """Class scores and labels must agree in number (or, for integer class ids, the ids must be outputs)."""
+    dataset = meta.get("dataset") or {}
+    classes = int(outputs.reshape(len(outputs), -1).shape[1])
+    if meta.get("label_names"):
+        problem = imports.class_count_problem(classes, dataset, n_labels=len(meta["label_names"]))
+    elif dataset.get("label_type") == "string" and dataset.get("classes"):
+        problem = imports.class_count_problem(classes, dataset, n_labels=len(dataset["classes"]))
+    else:
+        problem = imports.class_count_problem(classes, dataset, top_id=int(evaluation.labels.max()))
+    if problem:
+        raise UserError(problem)
 
 
 # ---- ONNX --------------------------------------------------------------------------------------
@@ -288,20 +325,11 @@ def _relax_batch(path: Path, meta: dict, scratch: Path, label: str) -> Path:
 
 
 def _output_kind(proto, session) -> str:
-    """'logits' (fidelity = same top-1 answer) or 'embedding' (fidelity = cosine), from the first output."""
+    """'logits' (fidelity = same top-1 answer) or 'embedding' (fidelity = cosine), from the first output
+    (the same rule as the upload's cheap checks, plus the operator that produces it)."""
     output = session.get_outputs()[0]
-    name = output.name.lower()
     producer = next((n for n in proto.graph.node if output.name in n.output), None)
-    if producer is not None and producer.op_type in ("Softmax", "LogSoftmax"):
-        return "logits"
-    if any(word in name for word in ("logit", "prob", "class", "score")):
-        return "logits"
-    if any(word in name for word in ("embed", "pool", "hidden", "feature", "sentence", "vector")):
-        return "embedding"
-    shape = output.shape
-    if len(shape) == 2 and isinstance(shape[1], int) and 2 <= shape[1] <= 1000:
-        return "logits"
-    return "embedding"
+    return imports.output_kind_guess(output.name, list(output.shape), producer.op_type if producer else None)
 
 
 # ---- Hugging Face (the heavy lifting is in hf_import.py) ---------------------------------------
@@ -313,6 +341,8 @@ def _import_hf(store: ArtifactStore, model: dict, meta: dict, scratch: Path, pro
         progress(0.02, f"fetching {meta['hf_repo']} from the Hugging Face Hub")
         meta["folder"] = store.relative(hf_import.fetch_from_hub(store.home, meta["hf_repo"]))
     folder = _folder(store, meta)
+    # With a CSV attached, a sequence classifier keeps its head: its class logits meet the labels.
+    with_text = (meta.get("dataset") or {}).get("kind") == "csv"
     onnx_path = hf_import.import_folder(folder, meta, scratch / "model.onnx", meta.get("source") or folder.name,
-                                        progress)
+                                        progress, use_head=with_text)
     return store.put_file(onnx_path, "models", model["id"], "model.onnx")

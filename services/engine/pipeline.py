@@ -157,7 +157,11 @@ def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progr
         for index, step in enumerate(torch_steps):
             progress(0.3 + 0.3 * index / total, f"step {index + 1}/{total}: {step['method']}")
             REGISTRY[step["method"]].apply(net, step["params"], context)
-        current = export_onnx(net, adapter, scratch / "after_torch.onnx")
+        trace = None
+        if context.tokenizer_file is not None:  # vocab.trim: the original ids may lie past the trimmed table
+            feed = context.reencode(context.fit_set()).inputs
+            trace = tuple(torch.from_numpy(feed[name][:2]) for name in adapter.input_names)
+        current = export_onnx(net, adapter, scratch / "after_torch.onnx", trace)
     for offset, step in enumerate(onnx_steps):
         index = len(torch_steps) + offset
         progress(0.3 + 0.3 * index / total, f"step {index + 1}/{total}: {step['method']}")

@@ -1,7 +1,14 @@
 """What the user's own models are scored and timed on, built from the model row's meta.
 
-- an attached data set (its data.npz: X, optional y): accuracy against y for class logits,
-  fidelity otherwise;
+- an attached data set:
+  - NPZ (data.npz: X, optional y) for an ONNX model: accuracy against y for class logits, fidelity
+    otherwise (an NPZ has no second split: fitting sees the scored samples and says so);
+  - CSV (text, optional label) for a Hugging Face model: the texts tokenized with the upload's own
+    tokenizer;
+  - WAV files (16 kHz mono) for an ONNX model with one audio input: the waveform padded or cut to the
+    input's length, or the project's log-mel features (speech/features.py) for a (frames, 80) input;
+  a CSV or WAV set is split: every 5th row is kept for fitting when it has 50 rows or more, and labels
+  map to output indices in the order fixed at import (meta["label_names"], see imports.label_order);
 - a built-in task whose inputs fit the model (an ONNX digits classifier on `digits`);
 - otherwise deterministic synthetic inputs of the shapes fixed at import (seeded), scored on
   fidelity; a Hugging Face upload gets a fixed set of Python help paragraphs, tokenized with
@@ -9,15 +16,18 @@
 """
 from __future__ import annotations
 
+import csv
 import importlib
 import json
 import random
 import re
+import wave
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from services import imports
 from services.engine.tasks.base import EvalSet
 from services.errors import UserError
 
@@ -27,6 +37,13 @@ TEXT_SAMPLES = 128
 MAX_TOKENS = 64
 LATENCY_BATCH = 32
 BUILTIN_DATA_TASKS = {"digits": "services.engine.tasks.digits"}  # tasks whose inputs an upload may share
+# A user's CSV or WAV data set: every FIT_EVERY-th row goes to fitting (calibration, counting, training)
+# when there are at least MIN_ROWS_TO_SPLIT rows; at most MAX_DATA_SAMPLES rows of each part are used,
+# evenly spread over the file (a file sorted by label keeps its class mix).
+FIT_EVERY = 5
+MIN_ROWS_TO_SPLIT = 50
+MAX_DATA_SAMPLES = 1024
+AUDIO_RATE = 16_000
 
 NUMPY_TYPES = {"float": np.float32, "float16": np.float16, "double": np.float64, "int64": np.int64,
                "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
@@ -38,11 +55,18 @@ def meta_of(model: dict) -> dict:
     return json.loads(meta) if isinstance(meta, str) else meta
 
 
+def _rows_data_set(meta: dict) -> bool:
+    """A CSV or WAV data set: read row by row and split for fitting (an NPZ is one array)."""
+    return (meta.get("dataset") or {}).get("kind") in ("csv", "wav")
+
+
 def eval_set(task: str, model: dict, home: Path) -> EvalSet:
     meta = meta_of(model)
+    source = model["task"] if task == "fidelity" else task
+    if _rows_data_set(meta):
+        return user_data_set(meta, Path(home), with_labels=source == "your-data", part="scored")
     if meta.get("kind") == "hf":
         return text_eval_set(meta, Path(home))
-    source = model["task"] if task == "fidelity" else task
     if meta.get("dataset"):
         return dataset_eval_set(meta, Path(home), with_labels=source == "your-data")
     if source in BUILTIN_DATA_TASKS:
@@ -51,18 +75,25 @@ def eval_set(task: str, model: dict, home: Path) -> EvalSet:
 
 
 def fit_set(task: str, model: dict, home: Path) -> EvalSet:
-    """What a method may fit on: help paragraphs that are not scored (text uploads), the training
-    split of a built-in task, other synthetic samples; a user's data set has no second split, so its
-    fit set is the scored data itself and says so (extra["overlaps_scoring"])."""
+    """What a method may fit on: the fitting rows of a CSV or WAV data set (every 5th row, never scored;
+    all rows of a set under 50 rows, flagged extra["overlaps_scoring"]), help paragraphs that are not
+    scored (text uploads), the training split of a built-in task, other synthetic samples; an NPZ data
+    set has no second split, so its fit set is the scored data itself and says so."""
     meta = meta_of(model)
     home = Path(home)
+    source = model["task"] if task == "fidelity" else task
+    if _rows_data_set(meta):
+        return user_data_set(meta, home, with_labels=source == "your-data", part="fit")
     if meta.get("kind") == "hf":
         scored = int(meta.get("eval_samples", TEXT_SAMPLES))
+        texts = all_paragraphs()[scored:scored + TEXT_SAMPLES]
         feed, described = text_feed(home / meta["folder"], meta["input_names"], int(meta["vocab_size"]),
-                                    count=TEXT_SAMPLES, texts=all_paragraphs()[scored:scored + TEXT_SAMPLES])
+                                    count=TEXT_SAMPLES, texts=texts)
+        extra = {"data": described}
+        if "random token" not in described:  # real texts: a step that rebuilds the tokenizer may count them
+            extra["texts"] = texts
         return EvalSet(inputs={n: feed[n] for n in meta["input_names"]}, labels=None,
-                       latency_batch=int(meta.get("latency_batch", LATENCY_BATCH)), extra={"data": described})
-    source = model["task"] if task == "fidelity" else task
+                       latency_batch=int(meta.get("latency_batch", LATENCY_BATCH)), extra=extra)
     if meta.get("dataset"):
         built = dataset_eval_set(meta, home, with_labels=source == "your-data")
         built.extra["overlaps_scoring"] = True
@@ -129,12 +160,20 @@ def _check_fits(name: str, spec: dict, x: np.ndarray, what: str) -> np.ndarray:
     return x.astype(dtype, copy=False)
 
 
+def _dataset_folder(home: Path, dataset: dict) -> Path:
+    folder = (home / dataset["path"]).resolve()
+    if home.resolve() not in folder.parents:
+        raise UserError(f"The data set {dataset['name']} lies outside the data folder.")
+    return folder
+
+
 def dataset_eval_set(meta: dict, home: Path, with_labels: bool) -> EvalSet:
     dataset = meta["dataset"]
-    path = (home / dataset["path"] / "data.npz").resolve()
-    if home.resolve() not in path.parents:
-        raise UserError(f"The data set {dataset['name']} lies outside the data folder.")
     what = f"The data set {dataset['name']!r}"
+    if dataset.get("kind", "npz") != "npz":
+        raise UserError(f"{what} holds {imports.DATA_WORDS.get(dataset['kind'], dataset['kind'])}, which this "
+                        f"model cannot read.")
+    path = _dataset_folder(home, dataset) / "data.npz"
     try:
         with np.load(path, allow_pickle=False) as data:
             x = np.asarray(data["X"])
@@ -201,9 +240,16 @@ def load_tokenizer(folder: Path):
 
 
 def text_feed(folder: Path, input_names: list[str], vocab_size: int, count: int = TEXT_SAMPLES,
-              texts: list[str] | None = None) -> tuple[dict, str]:
+              texts: list[str] | None = None, dataset_name: str | None = None) -> tuple[dict, str]:
+    """Token ids (and masks) of `texts` (default: the scored help paragraphs), padded or cut to
+    MAX_TOKENS by the upload's own tokenizer; random token ids when it has none, unless the texts are
+    a data set's (dataset_name), which cannot be scored without the model's tokenizer."""
     tokenizer = load_tokenizer(folder)
     texts = (paragraphs() if texts is None else texts)[:count]
+    if tokenizer is None and dataset_name is not None:
+        raise UserError(f"The model folder has no tokenizer that loads (tokenizer.json, or vocab.txt with "
+                        f"tokenizer_config.json), so the texts of the data set {dataset_name!r} cannot be turned "
+                        f"into its inputs; upload the folder with its tokenizer files.")
     if tokenizer is not None:
         encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=MAX_TOKENS,
                             return_tensors="np")
@@ -212,6 +258,8 @@ def text_feed(folder: Path, input_names: list[str], vocab_size: int, count: int 
             values = encoded.get(name)
             feed[name] = (np.zeros_like(encoded["input_ids"]) if values is None else values).astype(np.int64)
         feed["input_ids"] = np.clip(feed["input_ids"], 0, vocab_size - 1)
+        if dataset_name is not None:
+            return feed, f"tokenized by the model's own tokenizer, at most {MAX_TOKENS} tokens"
         return feed, f"{len(texts)} paragraphs of Python's help text, at most {MAX_TOKENS} tokens"
     rng = np.random.default_rng(SEED)
     shape = (len(texts), MAX_TOKENS)
@@ -223,7 +271,148 @@ def text_feed(folder: Path, input_names: list[str], vocab_size: int, count: int 
 
 
 def text_eval_set(meta: dict, home: Path) -> EvalSet:
-    feed, described = text_feed(home / meta["folder"], meta["input_names"], int(meta["vocab_size"]),
-                                int(meta.get("eval_samples", TEXT_SAMPLES)))
+    count = int(meta.get("eval_samples", TEXT_SAMPLES))
+    texts = paragraphs()[:count]
+    feed, described = text_feed(home / meta["folder"], meta["input_names"], int(meta["vocab_size"]), count)
+    extra = {"data": described}
+    if "random token" not in described:  # real texts: the pipeline can encode them again (vocab.trim)
+        extra["texts"] = texts
     return EvalSet(inputs={n: feed[n] for n in meta["input_names"]}, labels=None,
-                   latency_batch=int(meta.get("latency_batch", LATENCY_BATCH)), extra={"data": described})
+                   latency_batch=int(meta.get("latency_batch", LATENCY_BATCH)), extra=extra)
+
+
+# ---- a user's CSV or WAV data set ----------------------------------------------------------------
+
+def split_rows(n: int) -> tuple[list[int], list[int], bool]:
+    """(scored rows, fitting rows, whether they overlap). Every FIT_EVERY-th row (the 5th, 10th, ...) is
+    kept for fitting, so that calibration, token counting and recovery training never see a scored row;
+    a set under MIN_ROWS_TO_SPLIT rows is too small to lose a fifth of its scored rows, so both parts are
+    all rows and the fit set says so (extra["overlaps_scoring"])."""
+    every = list(range(n))
+    if n < MIN_ROWS_TO_SPLIT:
+        return every, every, True
+    fitting = every[FIT_EVERY - 1::FIT_EVERY]
+    return [i for i in every if i % FIT_EVERY != FIT_EVERY - 1], fitting, False
+
+
+def _spread(indices: list[int], limit: int = MAX_DATA_SAMPLES) -> list[int]:
+    if len(indices) <= limit:
+        return indices
+    picks = np.linspace(0, len(indices) - 1, limit).round().astype(int)
+    return [indices[i] for i in picks]
+
+
+def read_data_rows(home: Path, dataset: dict) -> list[tuple[str, str | None]]:
+    """(text or audio path, label or None) per row, in file order: data.csv of a CSV set, labels.csv of
+    a WAV set (services/datasets.py writes both)."""
+    folder = _dataset_folder(home, dataset)
+    name = "data.csv" if dataset["kind"] == "csv" else "labels.csv"
+    try:
+        with open(folder / name, encoding="utf-8", newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader)
+            rows = [(r[0], r[1] if len(header) > 1 else None) for r in reader if r]
+    except (OSError, StopIteration, IndexError, csv.Error):
+        raise UserError(f"The data set {dataset['name']!r} has no readable {name}; import it again.") from None
+    return rows
+
+
+def data_label_names(home: Path, dataset: dict) -> list[str]:
+    """The data set's distinct labels (the classes of its summary, else read from its rows)."""
+    if dataset.get("classes"):
+        return [str(c) for c in dataset["classes"]]
+    return sorted({label for _, label in read_data_rows(home, dataset) if label is not None})
+
+
+def user_data_set(meta: dict, home: Path, with_labels: bool, part: str) -> EvalSet:
+    """The scored (part='scored') or fitting (part='fit') rows of a CSV or WAV data set as model inputs."""
+    dataset = meta["dataset"]
+    rows = read_data_rows(home, dataset)
+    scored, fitting, overlaps = split_rows(len(rows))
+    chosen = _spread(scored if part == "scored" else fitting)
+    labels = None
+    if with_labels:
+        names = meta.get("label_names") or imports.label_order(data_label_names(home, dataset))[0]
+        index = {name: i for i, name in enumerate(names)}
+        missing = next((rows[i][1] for i in chosen if rows[i][1] not in index), None)
+        if missing is not None:
+            raise UserError(f"The data set {dataset['name']!r} has the label {missing!r}, which the model's outputs "
+                            f"were not matched to at import; import the model again.")
+        labels = np.array([index[rows[i][1]] for i in chosen], np.int64)
+    if dataset["kind"] == "csv":
+        if meta.get("kind") != "hf":
+            raise UserError(f"The data set {dataset['name']!r} holds text, and only a Hugging Face model (with its "
+                            f"tokenizer) can read text.")
+        texts = [rows[i][0] for i in chosen]
+        feed, how = text_feed(home / meta["folder"], meta["input_names"], int(meta["vocab_size"]),
+                              count=len(texts), texts=texts, dataset_name=dataset["name"])
+        inputs, extra = {n: feed[n] for n in meta["input_names"]}, {"texts": texts}
+        unit = "rows"
+    else:
+        name, spec = _single_input(meta, f"The data set {dataset['name']!r}")
+        folder = _dataset_folder(home, dataset)
+        x, how = audio_inputs([folder / rows[i][0] for i in chosen], name, spec, dataset["name"])
+        inputs, extra, unit = {name: x}, {}, "recordings"
+    if overlaps:
+        which = f"{len(chosen)} {unit} (too few to split: fitting sees the scored {unit})"
+    elif part == "scored":
+        which = f"{len(chosen)} scored {unit} (every {FIT_EVERY}th of the {len(rows)} is kept apart for fitting)"
+    else:
+        which = f"{len(chosen)} fitting {unit} (every {FIT_EVERY}th of the {len(rows)}; never scored)"
+    extra["data"] = f"{which} of the data set {dataset['name']}, {how}"
+    if overlaps and part == "fit":
+        extra["overlaps_scoring"] = True
+    return EvalSet(inputs=inputs, labels=labels, latency_batch=int(meta.get("latency_batch", LATENCY_BATCH)),
+                   extra=extra)
+
+
+def read_wav_16k(path: Path) -> np.ndarray:
+    """A stored recording (16 kHz mono 16-bit PCM, as services/wav_zip.py writes it) as floats in [-1, 1)."""
+    try:
+        with wave.open(str(path)) as handle:
+            layout = (handle.getframerate(), handle.getnchannels(), handle.getsampwidth())
+            raw = handle.readframes(handle.getnframes())
+    except (OSError, wave.Error, EOFError):
+        raise UserError(f"The recording {path.name} of the data set cannot be read; import the data set again.") \
+            from None
+    if layout != (AUDIO_RATE, 1, 2):
+        raise UserError(f"The recording {path.name} of the data set is not 16 kHz mono 16-bit; import the data set "
+                        f"again.")
+    return np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+
+
+def _fit_length(waveform: np.ndarray, samples: int) -> np.ndarray:
+    """The first `samples` samples; a shorter recording is followed by silence."""
+    out = np.zeros(samples, np.float32)
+    out[:min(samples, len(waveform))] = waveform[:samples]
+    return out
+
+
+def audio_inputs(paths: list[Path], input_name: str, spec: dict, dataset_name: str) -> tuple[np.ndarray, str]:
+    """The recordings as the model's audio input: waveforms (batch, samples), padded with silence or cut
+    to the input's length, or log-mel frames (batch, frames, 80) from speech/features.py, decided from
+    the input's shape (imports.audio_input_layout)."""
+    layout = imports.audio_input_layout(input_name, spec, dataset_name)
+    dtype = NUMPY_TYPES[spec["dtype"]]
+    shape = (len(paths), *spec["sample_shape"])
+    if layout["kind"] == "waveform":
+        samples = layout["samples"]
+        x = np.stack([_fit_length(read_wav_16k(p), samples) for p in paths]).reshape(shape)
+        return x.astype(dtype), (f"16 kHz waveforms of {samples:,} samples ({samples / AUDIO_RATE:.2f} s; longer "
+                                 f"recordings are cut, shorter ones padded with silence)")
+    from services.engine.speech import features
+
+    frames = layout["frames"]
+    # (frames - 1) hops of audio give exactly `frames` centred frames
+    samples = (frames - 1) * features.HOP
+    mels = []
+    for start in range(0, len(paths), 128):  # one batched FFT per 128 recordings keeps memory small
+        chunk = [_fit_length(read_wav_16k(p), samples) for p in paths[start:start + 128]]
+        mels.extend(features.log_mels(chunk))
+    x = np.stack(mels)
+    if layout["mel_first"]:
+        x = x.transpose(0, 2, 1)
+    hop_ms = 1000 * features.HOP // features.SAMPLE_RATE
+    return x.reshape(shape).astype(dtype), (f"log-mel features ({features.N_MELS} bands, one frame every {hop_ms} "
+                                            f"ms) of the first {frames} frames ({samples / AUDIO_RATE:.2f} s; "
+                                            f"shorter recordings padded with silence)")
