@@ -52,6 +52,13 @@ def load_recipe(text: str) -> None:
         add_step(step["method"], step["params"])
 
 
+def unavailable_sentence(names: list[str], reason: str) -> str:
+    """'**a** works on …' for one method, '**a**, **b** work on …' for several."""
+    if len(names) > 1 and reason.startswith("works "):
+        reason = "work " + reason[len("works "):]
+    return f"{', '.join(names)} {reason}"
+
+
 def sensitivity_panel(method: dict, step: dict) -> None:
     """The latest per-layer scan of this method on this model, and a button to run one at this setting."""
     scan = api.latest_scan(db, model_id, method["name"])
@@ -67,7 +74,8 @@ def sensitivity_panel(method: dict, step: dict) -> None:
             setting = ", ".join(f"{k}={v}" for k, v in scan["params"].items() if v not in ([], 0) or k == "amount")
             st.caption(f"Latest scan: {setting}; measured on {scan['summary']['data']} in "
                        f"{scan['summary']['seconds']:.0f} s.")
-            st.altair_chart(sensitivity_chart(scan["layers"]), width="stretch")
+            shown = min(len(scan["layers"]), 20)
+            st.altair_chart(sensitivity_chart(scan["layers"], top=shown), width="stretch", height=60 + 26 * shown)
         if running:
             st.info(f"A scan is {running[0]['status']} ({running[0]['progress']:.0%}): see the Jobs page.")
         elif st.button("Scan layers at this setting", key=f"scan-{step['uid']}"):
@@ -109,9 +117,13 @@ with st.container(border=True):
     if add.button("Add step", type="secondary", width="stretch"):
         add_step(choice)
         st.rerun()
-    reasons = {m["name"]: m["reason"] for m in applicability if not m["applies"]}
-    if reasons:
-        st.caption("Not available for this model: " + " ".join(f"**{n}** {r}" for n, r in reasons.items()))
+    by_reason: dict[str, list[str]] = {}  # methods unavailable for the same reason are named together
+    for m in applicability:
+        if not m["applies"]:
+            by_reason.setdefault(m["reason"], []).append(f"**{m['name']}**")
+    if by_reason:
+        st.caption("Not available for this model: " + " ".join(
+            unavailable_sentence(names, reason) for reason, names in by_reason.items()))
 
 recipe = {"task": task, "steps": [{"method": s["method"], "params": s["params"]} for s in st.session_state.steps],
           "recovery": {"objective": "none"}}

@@ -84,9 +84,9 @@ def sensitivity_chart(layers: list[dict], top: int = 20) -> alt.Chart:
         alt.Chart(frame)
         .mark_bar(color="#d62728")
         .encode(
-            y=alt.Y("layer", title=None, sort=None, axis=alt.Axis(labelLimit=260)),
+            y=alt.Y("layer", title=None, sort=None, axis=alt.Axis(labelLimit=260, labelOverlap=False)),
             x=alt.X("lost", title="Agreement with the original lost when only this layer is compressed (%)"),
             tooltip=["layer", alt.Tooltip("fidelity", format=".4f"), alt.Tooltip("output_error", format=".4f")],
         )
-        .properties(height=max(120, 22 * len(frame)))
+        .properties(height=max(100, 26 * len(frame)))
     )
