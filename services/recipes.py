@@ -25,6 +25,13 @@ SUPPORTED_OBJECTIVES = ("none",)
 
 MAX_RECIPE_BYTES = 64 * 1024
 
+# (earlier, later): why `later` cannot follow `earlier` in one recipe
+ORDER_RULES = {
+    ("vocab.trim", "distill.student"): "the student learns from the original's answers to the original token ids, "
+                                       "which a trimmed vocabulary no longer has; put distill.student before "
+                                       "vocab.trim",
+}
+
 
 class _NoAliasLoader(yaml.SafeLoader):
     """YAML without anchors and aliases: a few hundred bytes of nested aliases expand to gigabytes."""
@@ -182,6 +189,10 @@ def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
                             f"or keep one quantization step.", field=f"steps.{index}.method")
         if method.quantizes:
             quantized_by = (index, name)
+        for earlier in {s["method"] for s in clean_steps}:
+            if (earlier, name) in ORDER_RULES:
+                raise UserError(f"Step {index + 1} ({name}) cannot follow {earlier}: {ORDER_RULES[(earlier, name)]}.",
+                                field=f"steps.{index}.method")
         params = step.get("params") or {}
         if not isinstance(params, dict):
             raise UserError(f"Step {index + 1} ({name}): 'params' must be an object.", field=f"steps.{index}")

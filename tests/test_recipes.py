@@ -253,3 +253,12 @@ def test_api_recipes_and_registry_import_no_torch_or_onnxruntime(tmp_path):
                           timeout=60, env={**os.environ, "EXPLORER_HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ""
+
+
+def test_a_student_after_a_trimmed_vocabulary_is_refused_at_submit():
+    minilm = {"id": "minilm-l6", "format": "torch", "task": "pydoc-retrieval"}
+    error = _error({"steps": [{"method": "vocab.trim"}, {"method": "distill.student"}]}, minilm,
+                   ["pydoc-retrieval", "fidelity"])
+    assert error.field == "steps.1.method"
+    assert "put distill.student before vocab.trim" in str(error)
+    _validate({"steps": [{"method": "distill.student"}, {"method": "vocab.trim"}]}, minilm, ["pydoc-retrieval"])

@@ -135,6 +135,14 @@ def _load_torch_model(store: ArtifactStore, model_id: str, adapter=None) -> torc
                               f"the model was reset: prepare it again on the Models page.") from None
 
 
+def _within_step(progress: Progress, index: int, total: int) -> Progress:
+    """A step reports fractions of its own work (0..1); the job's bar shows them inside the step's slice
+    of 0.3..0.6, so a long step (distillation) moves the bar forward and never back."""
+    start, span = 0.3 + 0.3 * index / total, 0.3 / total
+    return lambda fraction, message: progress(start + span * min(max(float(fraction), 0.0), 1.0),
+                                              f"step {index + 1}/{total}: {message}")
+
+
 def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progress: Progress) -> dict:
     started = time.perf_counter()
     result: dict = {}
@@ -156,6 +164,7 @@ def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progr
         net = _load_torch_model(store, model["id"], adapter)
         for index, step in enumerate(torch_steps):
             progress(0.3 + 0.3 * index / total, f"step {index + 1}/{total}: {step['method']}")
+            context.progress = _within_step(progress, index, total)
             REGISTRY[step["method"]].apply(net, step["params"], context)
         trace = None
         if context.tokenizer_file is not None:  # vocab.trim: the original ids may lie past the trimmed table
@@ -166,6 +175,7 @@ def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progr
         index = len(torch_steps) + offset
         progress(0.3 + 0.3 * index / total, f"step {index + 1}/{total}: {step['method']}")
         out = scratch / f"step{index + 1}.onnx"
+        context.progress = _within_step(progress, index, total)
         REGISTRY[step["method"]].apply(current, out, step["params"], context)
         current = out
 
