@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum < requirements.txt | cut -d' ' -f1)
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench bench-methods clean
 
 install: $(STAMP)
 
@@ -22,6 +22,14 @@ test: install
 bench: install
 	$(PY) bench/end_to_end.py
 	$(PY) bench/methods.py
+	$(PY) bench/catalog.py          # the whole catalog on MiniLM, one run (about 30 min on 2 cores)
+
+bench-methods: install               # each family in depth (each 5-25 min on 2 cores)
+	$(PY) bench/structured.py
+	$(PY) bench/quantize.py
+	$(PY) bench/lowrank_cluster.py
+	$(PY) bench/albert_vocab.py
+	$(PY) bench/distill.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

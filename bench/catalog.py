@@ -1,0 +1,191 @@
+"""The whole catalog on all-MiniLM-L6-v2, in ONE run, side by side (issue: the compression catalog).
+
+Rows: PyTorch fp32, ONNX Runtime fp32, ONNX Runtime's `quantize_dynamic` with its own defaults
+(what a user would do by hand), each catalog method at a representative setting, and the recipes
+aimed at the issue's two targets. Every variant is built by a real compress job; then ALL of them
+are timed together by `measure.measure_latency` (interleaved rounds, fixed threads), so the ratios
+share one stretch of machine noise. Fidelity is the cosine of each scored paragraph's embedding with
+the original's, on the 512 scored pydoc paragraphs that no step fitted on: mean and worst.
+
+    .venv/bin/python bench/catalog.py [--threads 2] [--seconds 6] [--only NAME,...]
+
+Writes bench/out/catalog.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+QUANT = {"method": "quantize.dynamic", "params": {}}
+RECIPES = {
+    "prune.magnitude 0.3": [{"method": "prune.magnitude", "params": {"amount": 0.3}}],
+    "prune.structured 0.5 (heads + FFN)": [{"method": "prune.structured", "params": {"amount": 0.5}}],
+    "quantize.dynamic (ours: per-channel)": [QUANT],
+    "quantize.static (MinMax)": [{"method": "quantize.static", "params": {}}],
+    "quantize.int4_weights (+ embeddings)": [{"method": "quantize.int4_weights",
+                                              "params": {"quantize_embeddings": True}}],
+    "lowrank.svd (energy 0.9)": [{"method": "lowrank.svd", "params": {}}],
+    "share.cluster 64": [{"method": "share.cluster", "params": {"clusters": 64}}],
+    "share.embedding E=256": [{"method": "share.embedding", "params": {"E": 256}}],
+    "share.layers groups of 2": [{"method": "share.layers", "params": {"group_size": 2}}],
+    "vocab.trim (nearest)": [{"method": "vocab.trim", "params": {}}],
+    "distill.student 3 layers, 600 steps": [{"method": "distill.student", "params": {"layers": 3, "steps": 600}}],
+    # aimed at "<= 8 MB, mean >= 0.97, worst >= 0.90"
+    "target B: student 3 layers -> vocab.trim -> quantize.dynamic": [
+        {"method": "distill.student", "params": {"layers": 3, "steps": 600}},
+        {"method": "vocab.trim", "params": {}}, QUANT],
+}
+# aimed at "<= 23 MB, no slower than the by-hand default, mean >= 0.99, worst >= 0.98": int8 everywhere
+# except the most sensitive MatMul(s) of a quantize.dynamic sensitivity scan (filled in by main()).
+TARGET_A = "target A: quantize.dynamic, the {n} most sensitive node(s) kept float"
+
+
+def torch_latency(net, feed: dict, names: tuple, batch: int, repeats: int) -> float:
+    import numpy as np
+    import torch
+
+    inputs = tuple(torch.from_numpy(feed[name][:batch]) for name in names)
+    times = []
+    with torch.no_grad():
+        for _ in range(3):
+            net(*inputs)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            net(*inputs)
+            times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=6.0, help="timing budget per model")
+    parser.add_argument("--only", default="", help="comma-separated row names to build (default: all)")
+    args = parser.parse_args()
+    os.environ["EXPLORER_BENCH_THREADS"] = str(args.threads)
+    os.environ["EXPLORER_BENCH_SECONDS"] = "0.5"  # each job's own timing is not used here
+    import numpy as np
+    import torch
+    from onnxruntime.quantization import quantize_dynamic
+
+    from services import api
+    from services.engine import measure, pipeline, tasks
+    from services.engine.families.minilm import encode
+    from services.recipes import validate_recipe
+    from storage import ArtifactStore
+
+    torch.set_num_threads(args.threads)
+    measure.BENCH_THREADS = args.threads
+    home = Path(tempfile.mkdtemp(prefix="explorer-catalog-"))
+    started = time.perf_counter()
+    rows = []
+    try:
+        db = api.connect(home)
+        store = ArtifactStore(home)
+        model = api.get_model(db, "minilm-l6")
+        prepared = pipeline.prepare(store, dict(model), lambda f, m: None)
+        model = {**model, **prepared["model_update"]}
+        original = store.resolve(model["artifact"])
+        evaluation = tasks.eval_set("pydoc-retrieval", "minilm-l6")
+        reference = measure.run_outputs(measure.session(original), evaluation)
+
+        by_hand = home / "by_hand.onnx"
+        quantize_dynamic(str(original), str(by_hand))  # ONNX Runtime's own defaults
+        variants = [("ONNX Runtime fp32", original, evaluation, None, 0.0),
+                    ("ORT quantize_dynamic, its defaults (by hand)", by_hand, evaluation, None, 0.0)]
+        wanted = [n for n in args.only.split(",") if n] or list(RECIPES)
+        if not args.only or "target A" in args.only:
+            from services.engine import sensitivity
+
+            spec = {"method": "quantize.dynamic", "task": "pydoc-retrieval",
+                    "params": validate_recipe({"steps": [QUANT]}, model, ["pydoc-retrieval"])["steps"][0]["params"]}
+            scan_started = time.perf_counter()
+            scan = sensitivity.scan(store, dict(model), spec, "bench-scan", lambda f, m: None)["scan"]
+            print(f"sensitivity scan: {time.perf_counter() - scan_started:.0f} s; most sensitive: "
+                  + ", ".join(f"{r['layer']} ({r['fidelity']:.4f})" for r in scan["layers"][:3]), flush=True)
+            for n in (1, 2):
+                kept = [row["layer"] for row in scan["layers"][:n]]
+                RECIPES[TARGET_A.format(n=n)] = [{"method": "quantize.dynamic", "params": {"keep_float_nodes": kept}}]
+                wanted.append(TARGET_A.format(n=n))
+            wanted = [w for w in wanted if w != "target A"]
+        for index, label in enumerate(wanted):
+            recipe = validate_recipe({"steps": RECIPES[label]}, model, ["pydoc-retrieval", "fidelity"])
+            job_started = time.perf_counter()
+            try:
+                run = pipeline.compress(store, dict(model), recipe, f"run{index:03d}", lambda f, m: None)["run"]
+            except Exception as error:  # a refused or failed recipe is a row too
+                rows.append({"label": label, "error": f"{type(error).__name__}: {error}"})
+                continue
+            path = store.resolve(run["artifact"])
+            tokenizer = run["metrics"].get("files", {}).get("tokenizer")
+            own = evaluation
+            if tokenizer:
+                texts = evaluation.extra["texts"]
+                own = type(evaluation)(inputs=encode(texts, store.resolve(tokenizer)), labels=None,
+                                       latency_batch=evaluation.latency_batch, extra=evaluation.extra)
+            variants.append((label, path, own, run["metrics"], time.perf_counter() - job_started))
+
+        # everything timed together
+        timings = measure.measure_latency([v[1] for v in variants], [v[2] for v in variants], seconds=args.seconds)
+        base = timings[0]
+        for (label, path, own, metrics, job_s), timing in zip(variants, timings):
+            if metrics is None:
+                outputs = measure.run_outputs(measure.session(path), own)
+                metrics = {**measure.file_sizes(path), **measure.parameter_counts(path),
+                           **tasks.score("pydoc-retrieval", "minilm-l6", "embedding", own, outputs, reference)}
+            rows.append({"label": label, "mb": metrics["size_bytes"] / 1e6, "params": metrics["params"],
+                         "b1": base["latency_ms"]["p50"] / timing["latency_ms"]["p50"],
+                         "b32": base["batch_latency_ms"]["p50"] / timing["batch_latency_ms"]["p50"],
+                         "b1_ms": timing["latency_ms"]["p50"], "b32_ms": timing["batch_latency_ms"]["p50"],
+                         "recall": metrics["score"], "mean": metrics["fidelity"],
+                         "worst": metrics["fidelity_worst"], "job_s": job_s})
+
+        # PyTorch fp32, timed after (it cannot join ONNX Runtime's interleaved rounds)
+        net = pipeline._load_torch_model(store, "minilm-l6")
+        feed = evaluation.inputs
+        names = ("input_ids", "attention_mask", "token_type_ids")
+        t1 = torch_latency(net, feed, names, 1, 50)
+        t32 = torch_latency(net, feed, names, 32, 5)
+        rows.insert(0, {"label": "PyTorch fp32 (timed after the others)", "mb": None,
+                        "params": sum(p.numel() for p in net.parameters()), "b1": base["latency_ms"]["p50"] / t1,
+                        "b32": base["batch_latency_ms"]["p50"] / t32, "b1_ms": t1, "b32_ms": t32,
+                        "recall": None, "mean": 1.0, "worst": 1.0, "job_s": 0.0})
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+    lines = [
+        "# The catalog on all-MiniLM-L6-v2, one run",
+        "",
+        f"ONNX Runtime with {args.threads} threads, every ONNX variant timed together in interleaved rounds "
+        f"({args.seconds:g} s budget each); ratios are ONNX Runtime fp32 over the variant (>1 = faster). "
+        "Recall@1 on 256 scored pydoc pairs; fidelity = cosine to the original embedding over the 512 scored "
+        f"paragraphs (mean / worst). Total {time.perf_counter() - started:.0f} s.",
+        "",
+        "| variant | size MB | params | × faster b1 | × faster b32 | b1 ms | b32 ms | recall@1 | fidelity mean | worst | job s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['label']} | refused or failed: {row['error'][:160]} |||||||||| ")
+            continue
+        mb = "—" if row["mb"] is None else f"{row['mb']:.1f}"
+        recall = "—" if row["recall"] is None else f"{row['recall']:.3f}"
+        lines.append(f"| {row['label']} | {mb} | {row['params']:,} | {row['b1']:.2f} | {row['b32']:.2f} | "
+                     f"{row['b1_ms']:.2f} | {row['b32_ms']:.1f} | {recall} | {row['mean']:.4f} | "
+                     f"{row['worst']:.4f} | {row['job_s']:.0f} |")
+    out = ROOT / "bench" / "out" / "catalog.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
