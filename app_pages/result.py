@@ -125,9 +125,10 @@ with download_col:
         except (OSError, ValueError):
             st.error("The run's tokenizer file is missing from the data folder.")
         else:
-            st.download_button("Download its tokenizer.json (the model needs it: its vocabulary was trimmed)",
-                               tokenizer, file_name=f"{model['id']}-{run['id'][:8]}-tokenizer.json",
-                               mime="application/json", on_click="ignore")
+            st.download_button("Download tokenizer.json", tokenizer,
+                               file_name=f"{model['id']}-{run['id'][:8]}-tokenizer.json", mime="application/json",
+                               on_click="ignore", help="The model needs it: its vocabulary was trimmed, so its token "
+                                                       "ids differ from the original tokenizer's.")
 
 st.markdown("**Share this result**: anyone with the link sees this page, read-only.")
 page_url = (st.context.url or "").split("?")[0]
