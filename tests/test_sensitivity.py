@@ -45,6 +45,13 @@ def test_a_quantization_scan_lists_the_weighted_graph_nodes(prepared_home):
     assert all(0.9 <= row["fidelity"] <= 1.0 for row in scan["layers"])  # one int8 layer barely moves a CNN
 
 
+def test_a_4_bit_scan_stores_one_linear_layer_at_a_time(prepared_home):
+    scan = _scan(prepared_home, "quantize.int4_weights", {"block_size": 16})
+    assert sorted(row["layer"] for row in scan["layers"]) == ["/classifier/classifier.1/Gemm",
+                                                               "/classifier/classifier.3/Gemm"]
+    assert all(0.9 <= row["fidelity"] <= 1.0 and row["output_error"] > 0 for row in scan["layers"])
+
+
 def test_fit_sets_never_contain_what_is_scored():
     from services.engine.tasks import pydoc_retrieval
 
