@@ -23,32 +23,15 @@ SPEAKER_OUTPUT = "speaker_logits"
 SCORE_NAMES = {"spoken-digits": "1 - digit error rate", "speaker-id": "accuracy"}
 
 
-def eval_set(task: str) -> EvalSet:
+def _split(task: str, split: str) -> EvalSet:
+    """One split of the corpus as an EvalSet: digit strings for spoken-digits, every utterance for speaker-id."""
     corpus = load_corpus()
     if task == "spoken-digits":
-        indices = corpus.select("test", "digits")
+        indices = corpus.select(split, "digits")
         labels = [str(s) for s in corpus.digits[indices]]
         output = DIGIT_OUTPUT
     elif task == "speaker-id":
-        indices = corpus.select("test")
-        labels = corpus.voice[indices].copy()
-        output = SPEAKER_OUTPUT
-    else:
-        raise ValueError(f"not a speech task: {task!r}")
-    features, lengths = corpus.padded(indices, MAX_FRAMES)
-    return EvalSet(inputs={"features": features, "lengths": lengths}, labels=labels, latency_batch=LATENCY_BATCH,
-                   extra={"output_name": output, "kind": corpus.kind[indices].copy()})
-
-
-def fit_set(task: str) -> EvalSet:
-    """The training utterances (voices and strings the test split does not share), labels as eval_set."""
-    corpus = load_corpus()
-    if task == "spoken-digits":
-        indices = corpus.select("train", "digits")
-        labels = [str(s) for s in corpus.digits[indices]]
-        output = DIGIT_OUTPUT
-    elif task == "speaker-id":
-        indices = corpus.select("train")
+        indices = corpus.select(split)
         labels = corpus.voice[indices].copy()
         output = SPEAKER_OUTPUT
     else:
@@ -56,7 +39,16 @@ def fit_set(task: str) -> EvalSet:
     features, lengths = corpus.padded(indices, MAX_FRAMES)
     return EvalSet(inputs={"features": features, "lengths": lengths}, labels=labels, latency_batch=LATENCY_BATCH,
                    extra={"output_name": output, "kind": corpus.kind[indices].copy(),
-                          "data": f"{len(indices)} training utterances"})
+                          "data": f"{len(indices)} {'training' if split == 'train' else 'held-out test'} utterances"})
+
+
+def eval_set(task: str) -> EvalSet:
+    return _split(task, "test")
+
+
+def fit_set(task: str) -> EvalSet:
+    """The training utterances (strings the test split does not share), labelled as eval_set."""
+    return _split(task, "train")
 
 
 def greedy_decode(log_probs: np.ndarray, length: int) -> str:
