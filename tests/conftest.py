@@ -98,6 +98,37 @@ def _prepared_template(tmp_path_factory) -> Path:
     return home
 
 
+DIGITS_ROW = {"id": "digits-cnn", "name": "Digits CNN", "format": "torch", "task": "digits", "status": "new",
+              "artifact": None}
+
+
+@pytest.fixture(scope="session")
+def digits_prepared(tmp_path_factory):
+    """digits-cnn prepared in-process by the real engine (`pipeline.prepare`) once per session, for the
+    method tests: `home` (do not write to it: copy it, see `digits_store`), `store`, the ready model row
+    `model` and its ONNX file `onnx`."""
+    from types import SimpleNamespace
+
+    from services.engine import pipeline
+    from storage import ArtifactStore
+
+    home = tmp_path_factory.mktemp("digits-prepared") / "home"
+    store = ArtifactStore(home)
+    result = pipeline.prepare(store, dict(DIGITS_ROW), lambda fraction, message: None)
+    model = {**DIGITS_ROW, **result["model_update"]}
+    return SimpleNamespace(home=home, store=store, model=model, onnx=store.resolve(model["artifact"]))
+
+
+@pytest.fixture
+def digits_store(digits_prepared, tmp_path):
+    """This test's own copy of the prepared digits-cnn data folder, as an artifact store."""
+    from storage import ArtifactStore
+
+    folder = tmp_path / "home"
+    shutil.copytree(digits_prepared.home, folder)
+    return ArtifactStore(folder)
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """An empty data folder for this test, set as EXPLORER_HOME."""

@@ -3,7 +3,6 @@ whole compress jobs, and the real all-MiniLM-L6-v2 (one test per method, exporte
 Runtime against the original on a few sentences)."""
 from __future__ import annotations
 
-import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,7 +18,6 @@ from services.engine.methods.lowrank_svd import _factorize, decompose
 from services.engine.methods.share_cluster import fit_codebook
 from services.errors import UserError
 from services.recipes import validate_recipe
-from storage import ArtifactStore
 
 pytestmark = pytest.mark.slow
 DIGITS = {"id": "digits-cnn", "name": "Digits CNN", "format": "torch", "task": "digits", "status": "new",
@@ -27,18 +25,14 @@ DIGITS = {"id": "digits-cnn", "name": "Digits CNN", "format": "torch", "task": "
 MINILM = {"id": "minilm-l6", "format": "torch", "task": "pydoc-retrieval", "status": "ready"}
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    home = tmp_path_factory.mktemp("lowrank-cluster") / "home"
-    result = pipeline.prepare(ArtifactStore(home), dict(DIGITS), lambda f, m: None)
-    return SimpleNamespace(home=home, model={**DIGITS, **result["model_update"]})
+@pytest.fixture
+def prepared(digits_prepared):
+    return digits_prepared
 
 
 @pytest.fixture
-def store(prepared, tmp_path):
-    home = tmp_path / "home"
-    shutil.copytree(prepared.home, home)
-    return ArtifactStore(home)
+def store(digits_store):
+    return digits_store
 
 
 def _recipe(*steps, model=DIGITS, task_names=("digits", "fidelity")):

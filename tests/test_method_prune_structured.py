@@ -3,8 +3,6 @@ jobs, the speech encoder's layout on a small untrained SpeechEncoder (checked ex
 original with the removed heads and neurons silenced), and the real all-MiniLM-L6-v2 in one test."""
 from __future__ import annotations
 
-import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -17,7 +15,6 @@ from services.engine.export import export_onnx
 from services.engine.methods import REGISTRY
 from services.errors import UserError
 from services.recipes import validate_recipe
-from storage import ArtifactStore
 
 pytestmark = pytest.mark.slow
 METHOD = "prune.structured"
@@ -26,18 +23,14 @@ DIGITS = {"id": "digits-cnn", "name": "Digits CNN", "format": "torch", "task": "
 MINILM = {"id": "minilm-l6", "format": "torch", "task": "pydoc-retrieval", "status": "ready"}
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prune-structured") / "home"
-    result = pipeline.prepare(ArtifactStore(home), dict(DIGITS), lambda f, m: None)
-    return SimpleNamespace(home=home, model={**DIGITS, **result["model_update"]})
+@pytest.fixture
+def prepared(digits_prepared):
+    return digits_prepared
 
 
 @pytest.fixture
-def store(prepared, tmp_path):
-    home = tmp_path / "home"
-    shutil.copytree(prepared.home, home)
-    return ArtifactStore(home)
+def store(digits_store):
+    return digits_store
 
 
 def _params(model: dict, task: str, **params) -> dict:

@@ -7,7 +7,6 @@ transformer has.
 from __future__ import annotations
 
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -27,13 +26,9 @@ MODEL = {"id": "digits-cnn", "name": "Digits CNN", "format": "torch", "task": "d
          "artifact": None}
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    home = tmp_path_factory.mktemp("quantize-more") / "home"
-    store = ArtifactStore(home)
-    result = pipeline.prepare(store, dict(MODEL), lambda fraction, message: None)
-    model = {**MODEL, **result["model_update"]}
-    return SimpleNamespace(home=home, store=store, model=model, onnx=store.resolve(model["artifact"]))
+@pytest.fixture
+def prepared(digits_prepared):
+    return digits_prepared
 
 
 def _context(tmp_path, fit_set: EvalSet | None = None):
