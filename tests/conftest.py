@@ -54,6 +54,24 @@ def run_cli(*args: str, home: Path, timeout: float = 180, extra_env: dict | None
                           capture_output=True, text=True, timeout=timeout)
 
 
+def assert_refused_cleanly(db, home: Path, call, *phrases: str) -> str:
+    """The call raises one sentence containing the phrases; no uploaded model row, no job and nothing
+    under uploads/ is left behind. Returns the sentence."""
+    from services.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        call()
+    message = str(caught.value)
+    assert "\n" not in message and message.endswith("."), message
+    for phrase in phrases:
+        assert phrase in message, message
+    assert list(db.query("SELECT id FROM models WHERE source = 'upload'")) == []
+    assert list(db.query("SELECT id FROM jobs")) == []
+    uploads = home / "uploads"
+    assert not uploads.exists() or list(uploads.iterdir()) == [], list(uploads.iterdir())
+    return message
+
+
 def run_cli_json(*args: str, home: Path, timeout: float = 180):
     done = run_cli(*args, home=home, timeout=timeout)
     assert done.returncode == 0, f"exit {done.returncode}; stderr:\n{done.stderr}"

@@ -21,7 +21,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import run_cli
+from conftest import assert_refused_cleanly, run_cli
 from services import api
 from services.errors import UserError
 
@@ -93,21 +93,6 @@ def upload_rows(db) -> list[dict]:
 
 def files_outside(tmp_path: Path, home: Path) -> set[str]:
     return {str(p) for p in tmp_path.rglob("*") if home not in p.parents and p != home}
-
-
-def assert_refused_cleanly(db, home: Path, call, *phrases: str) -> str:
-    """The call raises one sentence containing the phrases; no row, no job, no upload folder left."""
-    with pytest.raises(UserError) as caught:
-        call()
-    message = str(caught.value)
-    assert "\n" not in message and message.endswith("."), message
-    for phrase in phrases:
-        assert phrase in message, message
-    assert upload_rows(db) == []
-    assert list(db.query("SELECT * FROM jobs")) == []
-    uploads = home / "uploads"
-    assert not uploads.exists() or list(uploads.iterdir()) == [], list(uploads.iterdir())
-    return message
 
 
 def wait_ready(db, queued: dict) -> dict:

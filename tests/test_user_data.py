@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import assert_refused_cleanly, run_cli
 from services import api, imports
 from services.errors import UserError
 
@@ -212,21 +212,6 @@ def compress_here(db, home: Path, model_id: str, recipe: dict) -> dict:
     clean = api.check_recipe(db, model_id, recipe)
     return pipeline.compress(ArtifactStore(home), api.get_model(db, model_id), clean, "run-1",
                              lambda fraction, message: None)["run"]
-
-
-def assert_refused_cleanly(db, home: Path, call, *phrases: str) -> str:
-    """One sentence naming the problem; no model row, no job, nothing left under uploads/."""
-    with pytest.raises(UserError) as caught:
-        call()
-    message = str(caught.value)
-    assert "\n" not in message and message.endswith("."), message
-    for phrase in phrases:
-        assert phrase in message, message
-    assert list(db.query("SELECT id FROM models WHERE source = 'upload'")) == []
-    assert list(db.query("SELECT id FROM jobs")) == []
-    uploads = home / "uploads"
-    assert not uploads.exists() or list(uploads.iterdir()) == [], list(uploads.iterdir())
-    return message
 
 
 # ---- a CSV scores a Hugging Face text model ------------------------------------------------------
