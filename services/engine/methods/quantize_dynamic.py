@@ -30,20 +30,13 @@ def apply(onnx_in, onnx_out, params: dict, context) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    graph = onnx.load(str(onnx_in), load_external_data=False).graph
-    from services.engine.methods.quantize_static import already_quantized
+    from services.engine.methods._quantization import refuse_if_quantized, refuse_unknown_nodes
 
-    if already_quantized(graph):  # int8 from any quantizer, or 4-bit MatMulNBits
-        raise context.user_error("This model is already quantized to int8; quantizing it again changes nothing "
-                                 "useful. Remove the second quantization step.")
+    graph = onnx.load(str(onnx_in), load_external_data=False).graph
+    refuse_if_quantized(graph, context)  # int8 from any quantizer, or 4-bit MatMulNBits
     nodes = {node.name: node.op_type for node in graph.node}
-    excluded = []
-    for name in params["keep_float_nodes"]:
-        if name not in nodes:
-            candidates = [n for n, op in nodes.items() if op in ("MatMul", "Gemm", "Conv", "Gather")][:6]
-            raise context.user_error(f"There is no node named {name!r} in this model; quantizable nodes include "
-                                     f"{', '.join(candidates)}.")
-        excluded.append(_quantizer_name(name, nodes[name]))
+    refuse_unknown_nodes(params["keep_float_nodes"], nodes, context)
+    excluded = [_quantizer_name(name, nodes[name]) for name in params["keep_float_nodes"]]
     only = [_quantizer_name(name, nodes[name]) for name in params.get("only_layers", []) if name in nodes]
     quantize_dynamic(
         model_input=str(onnx_in),

@@ -51,12 +51,10 @@ def apply(onnx_in, onnx_out, params: dict, context) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     from onnxruntime.quantization.onnx_model import ONNXModel
 
-    from services.engine.methods.quantize_static import already_quantized, refuse_unknown_nodes
+    from services.engine.methods._quantization import refuse_if_quantized, refuse_unknown_nodes
 
     model = onnx.load(str(onnx_in))
-    if already_quantized(model.graph):
-        raise context.user_error("This model is already quantized; quantizing it again changes nothing useful. "
-                                 "Remove the second quantization step, or start from a float model.")
+    refuse_if_quantized(model.graph, context)
     original_nodes = {node.name: node.op_type for node in model.graph.node}
     refuse_unknown_nodes(params["keep_float_nodes"], original_nodes, context, operators=("MatMul", "Gemm", "Gather"))
 

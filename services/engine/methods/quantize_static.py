@@ -1,4 +1,5 @@
 """Static int8 quantization (QDQ) with ONNX Runtime, calibrated on samples of the task's fitting split."""
+from services.engine.methods._quantization import refuse_if_quantized, refuse_unknown_nodes
 from services.engine.registry import Method, Param
 
 # The operators with weights a user may choose. Gemm stays Gemm here (ONNX Runtime runs it as QGemm).
@@ -15,28 +16,6 @@ CALIBRATION_BATCH = 16  # samples per calibration run: the ranges are the same, 
 # leaves a single candidate threshold (the full range): the same ranges as MinMax. 512 bins let it
 # search clipping thresholds at a quarter of the time of the classic 2048 (MiniLM: 56 s vs 159 s).
 ENTROPY_BINS = 512
-# Operators that only occur in a graph that is already quantized.
-QUANTIZED_OPERATORS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
-                       "ConvInteger", "QLinearConv", "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul",
-                       "MatMulIntegerToFloat", "QAttention", "MatMulNBits", "GatherBlockQuantized",
-                       "MatMulBnb4"}
-
-
-def already_quantized(graph) -> bool:
-    """True for a graph any of ONNX Runtime's quantizers (or another tool) has already quantized."""
-    return (any(node.op_type in QUANTIZED_OPERATORS for node in graph.node)
-            or any(t.name.endswith("_quantized") for t in graph.initializer))
-
-
-def refuse_unknown_nodes(names, nodes: dict, context, operators=("MatMul", "Gemm", "Conv", "Gather")) -> None:
-    """A clear refusal for a node name the graph does not have, with real names to copy."""
-    for name in names:
-        if name not in nodes:
-            candidates = [n for n, op in nodes.items() if op in operators][:6]
-            raise context.user_error(f"There is no node named {name!r} in this model; quantizable nodes include "
-                                     f"{', '.join(candidates) or 'none'}.")
-
-
 class FitSetReader:
     """Feeds ONNX Runtime's calibrator `count` samples of the fitting split, spread evenly over it
     (a split stored in topic order would otherwise be calibrated on its first topics only).
@@ -92,9 +71,7 @@ def apply(onnx_in, onnx_out, params: dict, context) -> None:
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     graph = onnx.load(str(onnx_in), load_external_data=False).graph
-    if already_quantized(graph):
-        raise context.user_error("This model is already quantized; quantizing it again changes nothing useful. "
-                                 "Remove the second quantization step, or start from a float model.")
+    refuse_if_quantized(graph, context)
     if params["activation_type"] == "int8" and params["weight_type"] == "uint8":
         raise context.user_error("ONNX Runtime cannot combine int8 activations with uint8 weights; choose int8 "
                                  "weights, or uint8 activations.")
