@@ -84,7 +84,7 @@ def import_model(db, source, filename: str | None = None, name: str | None = Non
     source: the uploaded bytes (give filename), a path to an .onnx file, a .zip or a model folder,
     or 'hf:OWNER/NAME'. A refusal raises UserError and leaves no row and no file behind.
     """
-    from services import imports
+    from services import data_fit, imports
 
     home = Path(db.home)
     shapes = imports.parse_input_shapes(input_shapes)
@@ -106,7 +106,7 @@ def import_model(db, source, filename: str | None = None, name: str | None = Non
         meta["input_shapes"] = shapes
         task = _import_task(task, meta["kind"], dataset)
         if dataset:  # a data set the model cannot read is refused now, before anything is stored
-            imports.check_data_fits(meta, dataset, task, staging)
+            data_fit.check_data_fits(meta, dataset, task, staging)
         model_id = _new_model_id(db, (name or "").strip() or default_name)
         if staging is not None:
             final = home / "uploads" / model_id
@@ -144,13 +144,13 @@ def _dataset_for_import(db, dataset_id: str) -> dict:
 
 
 def _import_task(task: str | None, kind: str, dataset: dict | None) -> str:
-    from services import imports
+    from services import data_fit
 
     labelled = bool(dataset and dataset["has_labels"])
     if not task:
         return "your-data" if labelled else "fidelity"
-    if task not in imports.UPLOAD_TASKS:
-        raise UserError(f"An uploaded model can be scored on {', '.join(imports.UPLOAD_TASKS)}, not {task!r}.",
+    if task not in data_fit.UPLOAD_TASKS:
+        raise UserError(f"An uploaded model can be scored on {', '.join(data_fit.UPLOAD_TASKS)}, not {task!r}.",
                         field="task")
     if task == "your-data" and not labelled:
         raise UserError("Task 'your-data' scores the model against the labels of an attached data set; attach a "

@@ -255,3 +255,20 @@ def resolve_shapes(inputs: list[OnnxInput], given: dict[str, list]) -> dict[str,
         batch = first if isinstance(first, int) and first > 0 else "dynamic"
         out[item.name] = {"dtype": item.elem_type, "batch": batch, "sample_shape": sample}
     return out
+
+
+def read_first_output(data) -> dict | None:
+    """The name and declared dims of an ONNX graph's first output, from the wire format (None when
+    unreadable: the import job reads it again with ONNX Runtime)."""
+    buf = memoryview(data)
+    try:
+        graph = next((value for number, wire, value in _fields(buf, 0, len(buf)) if number == 7 and wire == 2), None)
+        if graph is None:
+            return None
+        for number, wire, value in _fields(buf, *graph):
+            if number == 12 and wire == 2:
+                output = _value_info(buf, value)
+                return {"name": output.name, "dims": output.dims}
+    except (_NotProtobuf, UserError):
+        return None
+    return None

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_refused_cleanly, run_cli
-from services import api, imports
+from services import api, data_fit
 from services.errors import UserError
 
 pytestmark = pytest.mark.slow
@@ -355,10 +355,10 @@ def test_a_data_set_the_model_cannot_read_is_refused_before_anything_is_stored(d
 
 
 def test_label_order_and_the_fitting_split():
-    assert imports.label_order(["Negative", "positive"], {"0": "POSITIVE", "1": "negative"}) == \
+    assert data_fit.label_order(["Negative", "positive"], {"0": "POSITIVE", "1": "negative"}) == \
         (["positive", "Negative"], "id2label")
-    assert imports.label_order(["b", "a"], {"0": "LABEL_0", "1": "LABEL_1"}) == (["a", "b"], "sorted")
-    assert imports.label_order(["10", "2", "1"]) == (["1", "2", "10"], "sorted")
+    assert data_fit.label_order(["b", "a"], {"0": "LABEL_0", "1": "LABEL_1"}) == (["a", "b"], "sorted")
+    assert data_fit.label_order(["10", "2", "1"]) == (["1", "2", "10"], "sorted")
 
     from services.engine.tasks import uploaded
 

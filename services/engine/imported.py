@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
-from services import imports
+from services import data_fit, imports
 from services.engine import measure
 from services.engine.families.base import ModelAdapter, Progress
 from services.engine.tasks import uploaded
@@ -142,14 +142,14 @@ def _settle_task(task: str, meta: dict, output_kind: str) -> tuple[str, str]:
 
 def _order_labels(meta: dict, home: Path) -> str:
     """Which output each label of a CSV or WAV data set is: the config's id2label when its names are the
-    data set's labels, else the labels sorted (imports.label_order). Kept in the meta, so every later run
+    data set's labels, else the labels sorted (data_fit.label_order). Kept in the meta, so every later run
     reads the labels the same way; returns the sentence the card shows."""
     dataset = meta.get("dataset") or {}
     if dataset.get("kind") not in ("csv", "wav"):
         return ""
-    names, how = imports.label_order(uploaded.data_label_names(home, dataset), meta.get("id2label"))
+    names, how = data_fit.label_order(uploaded.data_label_names(home, dataset), meta.get("id2label"))
     meta["label_names"], meta["label_order"] = names, how
-    return imports.describe_label_order(names, how)
+    return data_fit.describe_label_order(names, how)
 
 
 def _check_class_count(meta: dict, evaluation, outputs) -> None:
@@ -157,11 +157,11 @@ def _check_class_count(meta: dict, evaluation, outputs) -> None:
     dataset = meta.get("dataset") or {}
     classes = int(outputs.reshape(len(outputs), -1).shape[1])
     if meta.get("label_names"):
-        problem = imports.class_count_problem(classes, dataset, n_labels=len(meta["label_names"]))
+        problem = data_fit.class_count_problem(classes, dataset, n_labels=len(meta["label_names"]))
     elif dataset.get("label_type") == "string" and dataset.get("classes"):
-        problem = imports.class_count_problem(classes, dataset, n_labels=len(dataset["classes"]))
+        problem = data_fit.class_count_problem(classes, dataset, n_labels=len(dataset["classes"]))
     else:
-        problem = imports.class_count_problem(classes, dataset, top_id=int(evaluation.labels.max()))
+        problem = data_fit.class_count_problem(classes, dataset, top_id=int(evaluation.labels.max()))
     if problem:
         raise UserError(problem)
 
@@ -329,7 +329,7 @@ def _output_kind(proto, session) -> str:
     (the same rule as the upload's cheap checks, plus the operator that produces it)."""
     output = session.get_outputs()[0]
     producer = next((n for n in proto.graph.node if output.name in n.output), None)
-    return imports.output_kind_guess(output.name, list(output.shape), producer.op_type if producer else None)
+    return data_fit.output_kind_guess(output.name, list(output.shape), producer.op_type if producer else None)
 
 
 # ---- Hugging Face (the heavy lifting is in hf_import.py) ---------------------------------------

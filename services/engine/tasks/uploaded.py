@@ -8,7 +8,7 @@
   - WAV files (16 kHz mono) for an ONNX model with one audio input: the waveform padded or cut to the
     input's length, or the project's log-mel features (speech/features.py) for a (frames, 80) input;
   a CSV or WAV set is split: every 5th row is kept for fitting when it has 50 rows or more, and labels
-  map to output indices in the order fixed at import (meta["label_names"], see imports.label_order);
+  map to output indices in the order fixed at import (meta["label_names"], see data_fit.label_order);
 - a built-in task whose inputs fit the model (an ONNX digits classifier on `digits`);
 - otherwise deterministic synthetic inputs of the shapes fixed at import (seeded), scored on
   fidelity; a Hugging Face upload gets a fixed set of Python help paragraphs, tokenized with
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services import imports
+from services import data_fit
 from services.engine.tasks.base import EvalSet
 from services.errors import UserError
 
@@ -171,7 +171,7 @@ def dataset_eval_set(meta: dict, home: Path, with_labels: bool) -> EvalSet:
     dataset = meta["dataset"]
     what = f"The data set {dataset['name']!r}"
     if dataset.get("kind", "npz") != "npz":
-        raise UserError(f"{what} holds {imports.DATA_WORDS.get(dataset['kind'], dataset['kind'])}, which this "
+        raise UserError(f"{what} holds {data_fit.DATA_WORDS.get(dataset['kind'], dataset['kind'])}, which this "
                         f"model cannot read.")
     path = _dataset_folder(home, dataset) / "data.npz"
     try:
@@ -332,7 +332,7 @@ def user_data_set(meta: dict, home: Path, with_labels: bool, part: str) -> EvalS
     chosen = _spread(scored if part == "scored" else fitting)
     labels = None
     if with_labels:
-        names = meta.get("label_names") or imports.label_order(data_label_names(home, dataset))[0]
+        names = meta.get("label_names") or data_fit.label_order(data_label_names(home, dataset))[0]
         index = {name: i for i, name in enumerate(names)}
         missing = next((rows[i][1] for i in chosen if rows[i][1] not in index), None)
         if missing is not None:
@@ -391,8 +391,8 @@ def _fit_length(waveform: np.ndarray, samples: int) -> np.ndarray:
 def audio_inputs(paths: list[Path], input_name: str, spec: dict, dataset_name: str) -> tuple[np.ndarray, str]:
     """The recordings as the model's audio input: waveforms (batch, samples), padded with silence or cut
     to the input's length, or log-mel frames (batch, frames, 80) from speech/features.py, decided from
-    the input's shape (imports.audio_input_layout)."""
-    layout = imports.audio_input_layout(input_name, spec, dataset_name)
+    the input's shape (data_fit.audio_input_layout)."""
+    layout = data_fit.audio_input_layout(input_name, spec, dataset_name)
     dtype = NUMPY_TYPES[spec["dtype"]]
     shape = (len(paths), *spec["sample_shape"])
     if layout["kind"] == "waveform":
