@@ -44,8 +44,9 @@ RECIPES = {
         {"method": "vocab.trim", "params": {}}, QUANT],
 }
 # aimed at "<= 23 MB, no slower than the by-hand default, mean >= 0.99, worst >= 0.98": int8 everywhere
-# except the most sensitive MatMul(s) of a quantize.dynamic sensitivity scan (filled in by main()).
-TARGET_A = "target A: quantize.dynamic, the {n} most sensitive node(s) kept float"
+# except the most sensitive MatMul(s) of a quantize.dynamic sensitivity scan, kept in float or as 4-bit
+# weights computing in float (filled in by main()).
+TARGET_A = "target A: quantize.dynamic, the {n} most sensitive node(s) kept as {kept_as}"
 
 
 def torch_latency(net, feed: dict, names: tuple, batch: int, repeats: int) -> float:
@@ -111,10 +112,12 @@ def main() -> None:
             scan = sensitivity.scan(store, dict(model), spec, "bench-scan", lambda f, m: None)["scan"]
             print(f"sensitivity scan: {time.perf_counter() - scan_started:.0f} s; most sensitive: "
                   + ", ".join(f"{r['layer']} ({r['fidelity']:.4f})" for r in scan["layers"][:3]), flush=True)
-            for n in (1, 2):
+            for n, kept_as in ((1, "float"), (1, "4-bit weights"), (2, "4-bit weights")):
                 kept = [row["layer"] for row in scan["layers"][:n]]
-                RECIPES[TARGET_A.format(n=n)] = [{"method": "quantize.dynamic", "params": {"keep_float_nodes": kept}}]
-                wanted.append(TARGET_A.format(n=n))
+                label = TARGET_A.format(n=n, kept_as=kept_as)
+                RECIPES[label] = [{"method": "quantize.dynamic",
+                                   "params": {"keep_float_nodes": kept, "kept_nodes_as": kept_as}}]
+                wanted.append(label)
             wanted = [w for w in wanted if w != "target A"]
         for index, label in enumerate(wanted):
             recipe = validate_recipe({"steps": RECIPES[label]}, model, ["pydoc-retrieval", "fidelity"])

@@ -134,7 +134,8 @@ def test_quantize_dynamic_makes_the_file_much_smaller(cli_runs):
     # the defaults were filled into the stored recipe
     assert record["recipe"]["steps"] == [{"method": "quantize.dynamic", "params": {
         "per_channel": True, "reduce_range": False, "weight_type": "int8",
-        "operators": ["MatMul", "Gather"], "keep_float_nodes": [], "skip_sensitive": 0}}]
+        "operators": ["MatMul", "Gather"], "keep_float_nodes": [], "kept_nodes_as": "float",
+        "skip_sensitive": 0}}]
 
 
 def test_magnitude_pruning_shrinks_the_zipped_file_and_zeroes_weights(cli_runs):

@@ -236,6 +236,30 @@ def test_static_refuses_int8_activations_with_uint8_weights(prepared, tmp_path):
              activation_type="int8", weight_type="uint8")
 
 
+def test_dynamic_can_store_its_kept_layers_as_4_bit_weights(prepared, tmp_path):
+    """quantize.dynamic with `kept_nodes_as: 4-bit weights`: the kept linear layer computes in float on
+    weights stored in 4 bits (MatMulNBits), the rest is int8, and a kept convolution stays float."""
+    kept = ["/classifier/classifier.3/Gemm", "/features/features.0/Conv"]
+    in_float = _run("quantize.dynamic", prepared.onnx, tmp_path / "float.onnx", tmp_path,
+                    operators=["MatMul", "Conv"], keep_float_nodes=kept)
+    context = _context(tmp_path)
+    in_4_bits = _run("quantize.dynamic", prepared.onnx, tmp_path / "four.onnx", tmp_path, context,
+                     operators=["MatMul", "Conv"], keep_float_nodes=kept, kept_nodes_as="4-bit weights")
+    ops = [node.op_type for node in onnx.load(str(in_4_bits)).graph.node]
+    assert ops.count("MatMulNBits") == 1 and ops.count("MatMulInteger") == 1  # classifier.3 / classifier.1
+    assert ops.count("ConvInteger") == 1 and ops.count("Conv") == 1  # features.2 int8, features.0 kept float
+    arrays = _initializers(in_4_bits)
+    assert arrays["classifier.3.weight_Q4"].dtype == np.uint8 and arrays["features.0.weight"].dtype == np.float32
+    assert in_4_bits.stat().st_size < in_float.stat().st_size
+    assert _agreement(in_4_bits, prepared.onnx) >= 0.97
+    assert context.notes == [
+        "quantize.dynamic kept 1 linear layer(s) out of int8 and stored their weights in 4 bits (blocks of 16, "
+        "float arithmetic): /classifier/classifier.3/Gemm.",
+        "quantize.dynamic kept 1 node(s) in float: /features/features.0/Conv."]
+    with pytest.raises(UserError, match="must be one of float, 4-bit weights"):
+        _params("quantize.dynamic", kept_nodes_as="int2")
+
+
 # ---- a transformer: 4-bit embedding tables
 
 def test_int4_with_embeddings_shrinks_minilm_six_fold_and_stays_close(tmp_path):
