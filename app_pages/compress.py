@@ -50,6 +50,8 @@ def load_recipe(text: str) -> None:
     st.session_state.steps = []
     for step in recipe["steps"]:
         add_step(step["method"], step["params"])
+    st.session_state.recovery = recipe["recovery"]
+    st.session_state.recovery_uid = secrets.token_hex(4)  # fresh widgets showing the loaded values
 
 
 def unavailable_sentence(names: list[str], reason: str) -> str:
@@ -125,8 +127,42 @@ with st.container(border=True):
         st.caption("Not available for this model: " + " ".join(
             unavailable_sentence(names, reason) for reason, names in by_reason.items()))
 
+def recovery_panel() -> tuple[dict, object]:
+    """The recovery settings: only the objectives this model and its data allow are offered."""
+    options = api.recovery_options(db, model_id, task)
+    offered = [o["name"] for o in options if not o["reason"]]
+    chosen = st.session_state.get("recovery") or {"objective": "none"}
+    uid = st.session_state.setdefault("recovery_uid", "r0")
+    with st.container(border=True):
+        st.markdown("**Recovery training** (after the PyTorch steps, before any quantization)")
+        by_name = {o["name"]: o for o in options}
+        objective = st.radio("Objective", offered, horizontal=True, key=f"{uid}-objective",
+                             index=offered.index(chosen["objective"]) if chosen["objective"] in offered else 0,
+                             format_func=lambda n: by_name[n]["title"])
+        st.caption(by_name[objective]["explanation"])
+        settings = {"objective": objective}
+        if objective != "none":
+            params = {p["name"]: p for p in api.recovery_params()}
+            columns = st.columns(3)
+            for column, name in zip(columns, ("steps", "unfreeze", "rounds")):
+                with column:
+                    settings[name] = param_widget(params[name], key=f"{uid}-{name}",
+                                                  value=chosen.get(name, params[name]["default"]))
+            with st.expander("More recovery settings"):
+                for name in ("lr", "batch_size", "seed"):
+                    settings[name] = param_widget(params[name], key=f"{uid}-{name}",
+                                                  value=chosen.get(name, params[name]["default"]))
+        unavailable = [f"**{o['name']}** {o['reason']}" for o in options if o["reason"]]
+        if unavailable:
+            st.caption("Not offered here: " + " ".join(unavailable))
+        slot = st.empty()
+    st.session_state.recovery = settings
+    return settings, slot
+
+
+recovery_settings, recovery_slot = recovery_panel()
 recipe = {"task": task, "steps": [{"method": s["method"], "params": s["params"]} for s in st.session_state.steps],
-          "recovery": {"objective": "none"}}
+          "recovery": recovery_settings}
 error = None
 try:
     recipe = api.check_recipe(db, model_id, recipe)
@@ -139,6 +175,8 @@ if error is not None and st.session_state.steps:
     slot = None
     if field.startswith("steps.") and field.split(".")[1].isdigit():
         slot = error_slots.get(int(field.split(".")[1]))
+    elif field.startswith("recovery"):
+        slot = recovery_slot
     (slot or st).error(str(error))
 
 st.subheader("Recipe")

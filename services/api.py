@@ -222,6 +222,25 @@ def list_tasks() -> dict:
     return TASKS
 
 
+def recovery_options(db, model_id: str, task: str) -> list[dict]:
+    """Every recovery objective: whether this model and its data allow it, and if not, why (a sentence)."""
+    from services.catalog import architecture_of
+    from services.engine.objectives import OBJECTIVES, why_not
+    from services.recipes import SUPPORTED_OBJECTIVES, labels_available, output_kind_of
+
+    model = get_model(db, model_id)
+    labelled, kind, architecture = labels_available(model, task), output_kind_of(model), architecture_of(model)
+    return [{"name": o.name, "title": o.title, "explanation": o.explanation, "needs_labels": o.needs_labels,
+             "reason": why_not(o.name, architecture, kind, labelled)}
+            for o in OBJECTIVES.values() if o.name in SUPPORTED_OBJECTIVES]
+
+
+def recovery_params() -> list[dict]:
+    from services.recipes import RECOVERY_PARAMS
+
+    return [p.schema() for p in RECOVERY_PARAMS]
+
+
 def check_recipe(db, model_id: str, recipe) -> dict:
     """Validate a recipe (dict or JSON/YAML text or a file path) for a model; returns it completed,
     with `skip_sensitive: N` resolved to the layer names of the latest sensitivity scan."""

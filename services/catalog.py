@@ -27,6 +27,7 @@ BUILTIN_MODELS = {
     },
     "minilm-l6": {
         "architecture": "text-transformer",
+        "output_kind": "embedding",
         "name": "all-MiniLM-L6-v2",
         "format": "torch",
         "task": "pydoc-retrieval",

@@ -18,9 +18,25 @@ from services.engine.registry import Param
 from services.errors import UserError
 
 RECOVERY_OBJECTIVES = ("none", "supervised", "distill", "contrastive", "masked", "momentum-contrast")
-RECOVERY_KEYS = {"objective", "steps", "unfreeze", "rounds", "aux", "label_budget", "selection"}
+RECOVERY_KEYS = {"objective", "steps", "unfreeze", "rounds", "lr", "batch_size", "seed",
+                 "aux", "label_budget", "selection"}
 # Objectives whose training is built; the others are accepted by the contract but refused for now.
-SUPPORTED_OBJECTIVES = ("none",)
+SUPPORTED_OBJECTIVES = ("none", "supervised", "distill", "contrastive", "masked")
+# The recovery settings besides the objective, checked like a method's parameters.
+RECOVERY_PARAMS = (
+    Param("steps", "int", 200, "Training steps of the recovery (per round with rounds > 1).",
+          minimum=1, maximum=20000, step=50),
+    Param("unfreeze", "choice", "all", "Which layers recovery trains: all of them, only the head (frozen), or "
+          "the head first and then layer after layer from the top down (gradual).",
+          choices=("all", "frozen", "gradual")),
+    Param("rounds", "int", 1, "Iterative pruning: reach the pruning amount in this many rounds, each followed by "
+          "recovery (needs a prune.* step).", minimum=1, maximum=20, step=1),
+    Param("lr", "float", 0.0, "Learning rate (AdamW); 0 picks one for the model kind (CNN 1e-3, text transformer "
+          "5e-5, speech encoder 3e-4).", minimum=0.0, maximum=0.1),
+    Param("batch_size", "int", 32, "Samples per training step.", minimum=2, maximum=512, step=8),
+    Param("seed", "int", 0, "Random seed: the same recipe and seed give the same result.", minimum=0,
+          maximum=2**31 - 1),
+)
 
 
 MAX_RECIPE_BYTES = 64 * 1024
@@ -215,11 +231,71 @@ def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
         raise UserError(f"Unknown recovery objective {objective!r}; choose one of "
                         f"{', '.join(RECOVERY_OBJECTIVES)}.", field="recovery.objective")
     if objective not in SUPPORTED_OBJECTIVES:
-        raise UserError(f"Recovery objective {objective!r} is not available yet; use 'none'.",
-                        field="recovery.objective")
-    out = {"task": task, "steps": clean_steps, "recovery": {"objective": objective}}
+        raise UserError(f"Recovery objective {objective!r} is not available yet; use one of "
+                        f"{', '.join(SUPPORTED_OBJECTIVES)}.", field="recovery.objective")
+    out = {"task": task, "steps": clean_steps,
+           "recovery": _check_recovery(recovery, objective, clean_steps, model, task)}
     if recipe.get("name") is not None:
         if not isinstance(recipe["name"], str):
             raise UserError("The recipe's 'name' must be text.", field="name")
         out["name"] = recipe["name"][:100]
     return out
+
+
+def _check_recovery(recovery: dict, objective: str, steps: list[dict], model: dict, task: str) -> dict:
+    """The recovery settings with defaults filled in; refused when they cannot work on this recipe,
+    model and data (a labelled objective without labels, nothing to recover, rounds without pruning)."""
+    from services.engine.objectives import OBJECTIVES, ROUND_METHODS, why_not
+
+    if objective == "none":
+        return {"objective": "none"}
+    for key in ("aux", "label_budget", "selection"):
+        if key in recovery:
+            raise UserError(f"'recovery.{key}' is not available yet.", field=f"recovery.{key}")
+    clean = {"objective": objective}
+    for param in RECOVERY_PARAMS:
+        value = recovery.get(param.name, param.default)
+        try:
+            clean[param.name] = _check_param("recovery", 0, param, value)
+        except UserError as error:  # reword "Step 1 (recovery)" for the recovery block
+            raise UserError(str(error).replace("Step 1 (recovery): ", "Recovery: "),
+                            field=f"recovery.{param.name}") from None
+    reason = why_not(objective, architecture_of(model), output_kind_of(model), labels_available(model, task),
+                     maskable=True)
+    if reason:
+        raise UserError(f"Recovery objective {objective!r} ({OBJECTIVES[objective].title}) {reason}",
+                        field="recovery.objective")
+    torch_steps = [s["method"] for s in steps if REGISTRY[s["method"]].stage == "torch"]
+    if not torch_steps:
+        raise UserError("Recovery trains the PyTorch model after the recipe's PyTorch steps (pruning, factorizing, "
+                        "sharing, a student), and this recipe has none: its steps rewrite the exported graph, so "
+                        "there is nothing to recover yet. Add such a step before them, or set the objective to none.",
+                        field="recovery.objective")
+    if "vocab.trim" in torch_steps:
+        raise UserError("Recovery cannot follow vocab.trim: the original model it learns from reads the original "
+                        "token ids, which the trimmed vocabulary no longer has. Recover in a recipe without "
+                        "vocab.trim, or set the objective to none.", field="recovery.objective")
+    if clean["rounds"] > 1 and not any(name in ROUND_METHODS for name in torch_steps):
+        raise UserError(f"'rounds' spreads a pruning step over several rounds of prune-and-recover, and this recipe "
+                        f"has no {' or '.join(ROUND_METHODS)} step; set rounds to 1.", field="recovery.rounds")
+    return clean
+
+
+def output_kind_of(model: dict) -> str:
+    """'logits' or 'embedding': what the model's first output is (built-ins declare it, uploads have
+    it on their card)."""
+    from services.catalog import BUILTIN_MODELS
+
+    if model.get("id") in BUILTIN_MODELS:
+        return BUILTIN_MODELS[model["id"]].get("output_kind", "logits")
+    return (model.get("card") or {}).get("output_kind") or "logits"
+
+
+def labels_available(model: dict, task: str) -> bool:
+    """Whether the fitting samples carry class labels a supervised loss can use: the digits images of the
+    built-in CNNs, or a user's CSV with labels scored as `your-data` by a model with class scores."""
+    from services.catalog import BUILTIN_MODELS
+
+    if model.get("id") in BUILTIN_MODELS:
+        return BUILTIN_MODELS[model["id"]].get("architecture") == "cnn"
+    return task == "your-data" and output_kind_of(model) == "logits"

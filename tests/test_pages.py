@@ -142,7 +142,7 @@ def test_compress_form_is_built_from_the_registry(ui_home):
     prune = next(m for m in api.list_methods() if m["name"] == "prune.magnitude")
     declared = next(p for p in prune["params"] if p["name"] == "amount")
     assert (amount.min, amount.max, amount.value) == (declared["minimum"], declared["maximum"], declared["default"])
-    assert [r.label for r in at.radio] == ["scope"]
+    assert [r.label for r in at.radio] == ["scope", "Objective"]  # the step's, then recovery's
 
     recipe = json.loads(at.code[0].value)
     assert recipe["steps"] == [{"method": "prune.magnitude", "params": {"amount": 0.5, "scope": "global", "skip_layers": [], "skip_sensitive": 0}}]
@@ -173,6 +173,36 @@ def test_compress_submit_queues_a_job_with_the_recipe(ui_db):
     links = {link.proto.label: link.proto for link in at.get("page_link")}
     assert "Result page (share link)" in links
     assert job["run_id"] in links["Result page (share link)"].query_string
+
+
+def test_compress_recovery_offers_what_the_data_allows_and_goes_into_the_job(ui_db):
+    at = open_page("app_pages/compress.py")
+    objective = at.radio(key="r0-objective")
+    assert objective.options == ["No recovery", "Supervised fine-tuning", "Distillation from the original",
+                                 "Contrastive (CAP)", "Masked reconstruction"]  # digits have labels
+    _add_step(at, "prune.magnitude")
+    at.radio(key="r0-objective").set_value("distill").run()
+    at.radio(key="r0-unfreeze").set_value("gradual").run()
+    at.number_input(key="r0-rounds").set_value(3).run()
+    assert not at.exception and not at.error
+    assert json.loads(at.code[0].value)["recovery"] == {
+        "objective": "distill", "steps": 200, "unfreeze": "gradual", "rounds": 3, "lr": 0.0, "batch_size": 32,
+        "seed": 0}
+    next(b for b in at.button if b.label == "Submit job").click().run()
+    assert api.list_jobs(ui_db)[0]["payload"]["recipe"]["recovery"]["objective"] == "distill"
+
+    # A recipe with nothing to recover is explained beside the recovery settings and cannot be submitted.
+    next(b for b in at.button if b.label == "Remove").click().run()
+    _add_step(at, "quantize.dynamic")
+    assert any("this recipe has none" in text for text in texts(at.error))
+    assert next(b for b in at.button if b.label == "Submit job").disabled
+
+
+def test_compress_recovery_without_labels_does_not_offer_supervised(ui_db):
+    at = open_page("app_pages/compress.py", model="minilm-l6")
+    assert at.radio(key="r0-objective").options == ["No recovery", "Distillation from the original",
+                                                    "Contrastive (CAP)", "Masked reconstruction"]
+    assert any("**supervised** needs class labels" in text for text in texts(at.caption))
 
 
 def _add_step(at: AppTest, method: str) -> None:

@@ -187,10 +187,13 @@ def batches_from_arrays(arrays: list[np.ndarray], batch_size: int, seed: int, la
 # ---- the training loop -----------------------------------------------------------------------------
 
 def train(student: nn.Module, teacher: nn.Module, batches: Iterator[Batch],
-          output_loss: Callable[[object, object, Batch], torch.Tensor], *, steps: int, lr: float,
+          output_loss: Callable[[object, object, Batch], torch.Tensor] | None, *, steps: int, lr: float,
           progress: Progress | None = None, hidden_pairs: list[tuple[str, str]] = (), hidden_weight: float = 1.0,
           shared_projections: bool = False, seed: int = 0, weight_decay: float = 0.01,
-          after_step: Callable[[], None] | None = None, describe: str = "distilling") -> Outcome:
+          after_step: Callable[[], None] | None = None, describe: str = "distilling",
+          parameters: list | None = None, before_step: Callable[[int], None] | None = None,
+          student_inputs: Callable[[Batch], tuple] | None = None,
+          extra_loss: Callable[[dict], torch.Tensor] | None = None, extra_modules: list[nn.Module] = ()) -> Outcome:
     """Train `student` in place for `steps` updates to match `teacher` on `batches`.
 
     loss = output_loss(student outputs, teacher outputs, batch)
@@ -200,6 +203,14 @@ def train(student: nn.Module, teacher: nn.Module, batches: Iterator[Batch],
     off (the student is trained in eval mode): it imitates a fixed function, and the result is the
     same for the same seed. The teacher is never changed. The projections are thrown away at the end.
     Parameters of the student with requires_grad=False stay as they are (frozen layers).
+
+    For recovery objectives (services/engine/recovery.py): `parameters` lists what the optimizer holds
+    (default: the student's parameters that require grad; a schedule that unfreezes layers passes them
+    all and switches requires_grad in `before_step(step)`: AdamW skips parameters without a gradient);
+    `student_inputs(batch)` gives the student other inputs than the teacher (masked ones);
+    `extra_loss(state)` adds a term computed from the step's state (the batch, both models' outputs and
+    recorded hidden states), with `extra_modules` (training-only heads) trained alongside; an
+    `output_loss` of None leaves the output term out.
     """
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -216,9 +227,11 @@ def train(student: nn.Module, teacher: nn.Module, batches: Iterator[Batch],
             student(*first.inputs)
         projections = Projections([(s, student_hidden[s].shape, teacher_hidden[t].shape) for s, t in hidden_pairs],
                                   shared=shared_projections)
-    trainable = [p for p in student.parameters() if p.requires_grad]
+    trainable = list(parameters) if parameters is not None else [p for p in student.parameters() if p.requires_grad]
     if projections is not None:
         trainable += list(projections.parameters())
+    for module in extra_modules:
+        trainable += list(module.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -232,17 +245,22 @@ def train(student: nn.Module, teacher: nn.Module, batches: Iterator[Batch],
     for step in range(steps):
         if step > 0:
             batch = next(batches)
+        if before_step is not None:
+            before_step(step)
         teacher_out, teacher_hidden = teacher_targets(teacher, batch, teacher_names)
         with recording(student, student_names) as student_hidden:
-            student_out = student(*batch.inputs)
-        loss = output_loss(student_out, teacher_out, batch)
-        if hidden_pairs:
+            student_out = student(*(student_inputs(batch) if student_inputs is not None else batch.inputs))
+        loss = torch.zeros(()) if output_loss is None else output_loss(student_out, teacher_out, batch)
+        if hidden_pairs and hidden_weight > 0:
             matched = [hidden_state_loss(projections(s, student_hidden[s]), teacher_hidden[t], batch.mask)
                        for s, t in hidden_pairs]
             loss = loss + hidden_weight * torch.stack(matched).mean()
+        if extra_loss is not None:
+            loss = loss + extra_loss({"batch": batch, "student_out": student_out, "teacher_out": teacher_out,
+                                      "student_hidden": student_hidden, "teacher_hidden": teacher_hidden})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in trainable if p.grad is not None], 1.0)
         optimizer.step()
         schedule.step()
         if after_step is not None:

@@ -238,6 +238,10 @@ class HFUploadAdapter(ModelAdapter):
         feed, _ = uploaded.text_feed(self.folder, list(self.input_names), self.vocab_size)
         return tuple(torch.from_numpy(feed[n][:2]) for n in self.input_names)
 
+    def mask_token_id(self) -> int | None:
+        """The upload's own mask token, if its tokenizer has one (masked-reconstruction recovery)."""
+        return getattr(uploaded.load_tokenizer(self.folder), "mask_token_id", None)
+
     def encode(self, texts: list[str], tokenizer_file: Path | str | None = None) -> dict:
         """Texts as the model's inputs, padded or cut to uploaded.MAX_TOKENS as the scored texts are: by
         the upload's own tokenizer, or by `tokenizer_file` (a tokenizer.json a step rebuilt, vocab.trim)."""

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from services.catalog import BUILTIN_MODELS, architecture_of
-from services.engine import measure, tasks, zoo
+from services.engine import measure, objectives, recovery, tasks, zoo
 from services.engine.export import export_onnx
 from services.engine.methods import REGISTRY
 from services.engine.tasks.base import EvalSet
@@ -157,22 +157,44 @@ def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progr
                           task=recipe["task"], home=store.home, adapter=adapter, architecture=architecture_of(model))
     torch_steps = [s for s in recipe["steps"] if REGISTRY[s["method"]].stage == "torch"]
     onnx_steps = [s for s in recipe["steps"] if REGISTRY[s["method"]].stage == "onnx"]
-    total = len(recipe["steps"])
+    recovery_plan = recipe.get("recovery") or {"objective": "none"}
+    recovering = recovery_plan["objective"] != "none"
+    rounds = recovery_plan.get("rounds", 1) if recovering else 1
+    # progress units: every torch step and recovery of every round, then the ONNX steps
+    total = rounds * (len(torch_steps) + recovering) + len(onnx_steps)
+    done = 0
 
     current = baseline_path
     if torch_steps:
         net = _load_torch_model(store, model["id"], adapter)
-        for index, step in enumerate(torch_steps):
-            progress(0.3 + 0.3 * index / total, f"step {index + 1}/{total}: {step['method']}")
-            context.progress = _within_step(progress, index, total)
-            REGISTRY[step["method"]].apply(net, step["params"], context)
+        teacher = recovery.snapshot(net) if recovering else None
+        snapshots = []
+        for round_number in range(1, rounds + 1):
+            for step in torch_steps:
+                params = objectives.round_params(step, round_number, rounds)
+                if params is None:  # not a pruning step: it ran in the first round
+                    continue
+                label = step["method"] + (f" (round {round_number}/{rounds}, amount {params['amount']:.3g})"
+                                          if rounds > 1 else "")
+                progress(0.3 + 0.3 * done / total, f"step {done + 1}/{total}: {label}")
+                context.progress = _within_step(progress, done, total)
+                REGISTRY[step["method"]].apply(net, params, context)
+                done += 1
+            if recovering:
+                context.progress = _within_step(progress, done, total)
+                describe = "recovery" + (f" round {round_number}/{rounds}" if rounds > 1 else "")
+                note, _ = recovery.recover(net, teacher, recovery_plan, context, snapshots=snapshots, describe=describe)
+                context.notes.append(note if rounds == 1 else f"Round {round_number}/{rounds}: {note}")
+                done += 1
+                if recovery_plan["objective"] == "contrastive" and round_number < rounds:
+                    snapshots.append(recovery.snapshot(net))  # CAP's snapshot contrast in later rounds
         trace = None
         if context.tokenizer_file is not None:  # vocab.trim: the original ids may lie past the trimmed table
             feed = context.reencode(context.fit_set()).inputs
             trace = tuple(torch.from_numpy(feed[name][:2]) for name in adapter.input_names)
         current = export_onnx(net, adapter, scratch / "after_torch.onnx", trace)
     for offset, step in enumerate(onnx_steps):
-        index = len(torch_steps) + offset
+        index = done + offset
         progress(0.3 + 0.3 * index / total, f"step {index + 1}/{total}: {step['method']}")
         out = scratch / f"step{index + 1}.onnx"
         context.progress = _within_step(progress, index, total)

@@ -90,6 +90,11 @@ class MiniLMAdapter(ModelAdapter):
     def encode(texts: list[str], tokenizer_file: Path | str | None = None) -> dict[str, np.ndarray]:
         return encode(texts, tokenizer_file)
 
+    @staticmethod
+    def mask_token_id() -> int | None:
+        """The [MASK] token's id (masked-reconstruction recovery hides tokens behind it)."""
+        return tokenizer().token_to_id("[MASK]")
+
     def example_inputs(self) -> tuple:
         feed = encode(["A short sentence to trace the graph.", "Another one, a little longer than the first."])
         return tuple(torch.from_numpy(feed[name]) for name in self.input_names)

@@ -256,25 +256,31 @@ def _distill_speech(net, params, context) -> None:
     if hasattr(net, "pool_after"):  # pool after the same depth of the original, counted in kept layers
         net.pool_after = max(1, sum(1 for i in indices if i < teacher.pool_after))
     pairs = [(f"{layer_list}.{j}", f"{layer_list}.{i}") for j, i in enumerate(indices)]
-    temperature = params["temperature"]
-
-    def output_loss(student_out, teacher_out, batch):
-        (student_frames, student_speaker), (teacher_frames, teacher_speaker) = student_out, teacher_out
-        real = _frame_mask(batch.inputs[1], getattr(getattr(net, "pool", None), "rate", 1), student_frames.shape[1])
-        # per-frame KL between the CTC distributions, real frames only (padding outputs are ignored)
-        per_frame = (teacher_frames.exp() * (teacher_frames - student_frames)).sum(-1)
-        frames = (per_frame * real).sum() / real.sum().clamp(min=1)
-        return frames + distill.soft_logit_loss(student_speaker, teacher_speaker, temperature)
-
     arrays = [fit.inputs[name] for name in context.adapter.input_names]
-    batches = _with_frame_masks(distill.batches_from_arrays(arrays, params["batch_size"], params["seed"]))
-    outcome = distill.train(net, teacher, batches, output_loss, steps=params["steps"], lr=params["lr"],
+    batches = with_frame_masks(distill.batches_from_arrays(arrays, params["batch_size"], params["seed"]))
+    outcome = distill.train(net, teacher, batches, speech_output_loss(net, params["temperature"]),
+                            steps=params["steps"], lr=params["lr"],
                             progress=context.progress, hidden_pairs=pairs, hidden_weight=params["hidden_weight"],
                             shared_projections=True, seed=params["seed"], describe="training the student")
     context.notes.append(
         f"distill.student: a student with {params['layers']} of {total} encoder layers, {_millions(_count(net))} "
         f"parameters (the original has {_millions(before)}), trained {params['steps']} steps "
         f"({outcome.seconds:.0f} s) on {len(arrays[0])} fitting utterances; final loss {outcome.final_loss:.4f}.")
+
+
+def speech_output_loss(net, temperature: float):
+    """The speech encoder's two outputs matched: per-frame KL between the CTC distributions (real
+    frames only; padding outputs are ignored) and the speaker head's softened scores."""
+    from services.engine import distill
+
+    def output_loss(student_out, teacher_out, batch):
+        (student_frames, student_speaker), (teacher_frames, teacher_speaker) = student_out, teacher_out
+        real = _frame_mask(batch.inputs[1], getattr(getattr(net, "pool", None), "rate", 1), student_frames.shape[1])
+        per_frame = (teacher_frames.exp() * (teacher_frames - student_frames)).sum(-1)
+        frames = (per_frame * real).sum() / real.sum().clamp(min=1)
+        return frames + distill.soft_logit_loss(student_speaker, teacher_speaker, temperature)
+
+    return output_loss
 
 
 def _frame_mask(lengths, rate: int, frames: int):
@@ -285,7 +291,7 @@ def _frame_mask(lengths, rate: int, frames: int):
     return (torch.arange(frames)[None, :] < pooled[:, None]).float()
 
 
-def _with_frame_masks(batches):
+def with_frame_masks(batches):
     for batch in batches:  # real frames of the hidden states (layers before any pooling)
         features, lengths = batch.inputs
         batch.mask = _frame_mask(lengths, 1, features.shape[1])

@@ -1,0 +1,315 @@
+"""Recovery training: a short training of the compressed PyTorch model that wins back what compression
+cost, with the objective the user's data allows (the recipe's `recovery`).
+
+It runs after the recipe's PyTorch steps and before the export, so that ONNX-stage steps (quantization)
+apply to the recovered weights. The original model is the teacher of every objective; nothing of it
+is changed. What each objective trains on is the task's fitting split (never the scored samples).
+
+- `supervised`: cross-entropy on the fitting split's labels (class-score models with labels only).
+- `distill`: the original's outputs and hidden states (services/engine/distill.py), no labels.
+- `contrastive`: Contrastive Pruning (Xu et al., CAP): an InfoNCE loss pulls each sample's
+  representation toward the original's representation of the same sample, against the other samples
+  of the batch; with `rounds`, also toward the snapshots of earlier pruning rounds; with labels, samples
+  of the same class count as positives too (CAP's fine-tuned contrast) and cross-entropy is added.
+  Our built-in models are each one checkpoint, so CAP's pre-trained and fine-tuned models are the same
+  original here (the run's note says so).
+- `masked`: MAE-style masking: the compressed model sees inputs with a share of positions hidden
+  (tokens replaced by the mask token, image patches and speech frames zeroed) and learns to reconstruct
+  what the original computes from the full input (its hidden states and output), as data2vec does with
+  MAE's masking; no labels, no decoder to throw away.
+
+`unfreeze`: `all` trains every weight; `frozen` only the head (the last group of layers); `gradual`
+starts with the head and unfreezes one more group from the top down at even intervals, so the last
+stretch trains everything. Pruned weights stay zero throughout (a mask is re-imposed after each update).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.engine import distill
+from services.engine.objectives import OBJECTIVES, UNFREEZE, has_class_labels
+
+DEFAULT_LR = {"cnn": 1e-3, "text-transformer": 5e-5, "speech-transformer": 3e-4}
+TEMPERATURE = 0.1  # InfoNCE temperature (CAP and MoCo use 0.05-0.2)
+MASK_SHARE = 0.25  # share of positions hidden by `masked`
+CONTRASTIVE_WEIGHT = 1.0
+
+
+# ---- layer groups: what `frozen` and `gradual` unfreeze ----------------------------------------------
+
+def layer_groups(net: nn.Module) -> list[list[nn.Parameter]]:
+    """The model's parameters in groups from the input to the output. A transformer: what comes
+    before its list of blocks (embeddings), each block, what comes after (pooler, head). Other models:
+    each module that owns parameters, in order. Tied parameters count once, in their first group."""
+    from services.engine.methods.distill_student import find_layer_list
+
+    seen: set[int] = set()
+
+    def fresh(params) -> list[nn.Parameter]:
+        out = [p for p in params if id(p) not in seen]
+        seen.update(id(p) for p in out)
+        return out
+
+    found = find_layer_list(net)
+    if found is not None:
+        name, blocks = found
+        inside = {id(p) for p in blocks.parameters()}
+        order = list(net.named_parameters(remove_duplicate=True))
+        first_block = next(i for i, (n, _) in enumerate(order) if n.startswith(name + "."))
+        before = fresh([p for n, p in order[:first_block] if id(p) not in inside])
+        groups = [before] + [fresh(block.parameters()) for block in blocks]
+        groups.append(fresh([p for _, p in order if id(p) not in inside]))
+    else:
+        groups = [fresh(module.parameters(recurse=False)) for module in net.modules()]
+    return [g for g in groups if g]
+
+
+def unfreeze_schedule(groups: list[list[nn.Parameter]], mode: str, steps: int) -> Callable[[int], None]:
+    """before_step(step) that sets requires_grad for `mode` (see the module's docstring)."""
+    def set_trainable(count: int) -> None:
+        for index, group in enumerate(groups):
+            for parameter in group:
+                parameter.requires_grad_(index >= len(groups) - count)
+
+    if mode == "all":
+        set_trainable(len(groups))
+        return lambda step: None
+    if mode == "frozen":
+        set_trainable(1)
+        return lambda step: None
+    # gradual: group k of n opens at step k * steps / n (counted from the top), all open for the last share
+    def before_step(step: int) -> None:
+        set_trainable(min(len(groups), 1 + step * len(groups) // max(1, steps)))
+
+    before_step(0)
+    return before_step
+
+
+# ---- pruned weights stay pruned ---------------------------------------------------------------------
+
+def zero_masks(net: nn.Module) -> Callable[[], None]:
+    """An after_step that puts back the zeros a pruning step made: every weight matrix or kernel with
+    exact zeros keeps them (a trained float weight is never exactly zero by chance)."""
+    masks = [(p, p.detach() != 0) for p in net.parameters() if p.dim() >= 2 and bool((p.detach() == 0).any())]
+
+    def reapply() -> None:
+        with torch.no_grad():
+            for parameter, mask in masks:
+                parameter.mul_(mask)
+
+    return reapply
+
+
+# ---- the model kinds: batches, matched states, representation, masking ------------------------------
+
+@dataclass
+class Kit:
+    batches: object  # Iterator[distill.Batch]
+    output_loss: Callable  # matching the original's outputs (distill)
+    hidden_pairs: list  # (student submodule, teacher submodule)
+    representation: tuple  # (student submodule, teacher submodule) pooled into one vector per sample
+    mask_inputs: Callable | None  # Batch -> masked inputs for the student
+    samples: int
+    labels: np.ndarray | None
+
+
+def _weighted_layers(net: nn.Module) -> list[str]:
+    return [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear))]
+
+
+def _block_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
+    """Student block j with the teacher block it stands for (evenly spaced when a student has fewer)."""
+    from services.engine.methods.distill_student import find_layer_list, kept_layers
+
+    s_name, s_blocks = find_layer_list(student)
+    t_name, t_blocks = find_layer_list(teacher)
+    indices = kept_layers(len(t_blocks), len(s_blocks)) if len(s_blocks) < len(t_blocks) else range(len(s_blocks))
+    return [(f"{s_name}.{j}", f"{t_name}.{i}") for j, i in enumerate(indices)]
+
+
+def build_kit(architecture: str, student: nn.Module, teacher: nn.Module, context, batch_size: int,
+              seed: int) -> Kit:
+    adapter = context.adapter
+    fit = context.fit_set()
+    names = list(adapter.input_names)
+    arrays = [fit.inputs[name] for name in names]
+    labels = fit.labels if has_class_labels(fit, adapter.output_kind) else None
+    generator = torch.Generator().manual_seed(seed + 1)
+    if architecture == "cnn":
+        hidden = [n for n in _weighted_layers(student)[:-1] if n in dict(teacher.named_modules())]
+
+        def mask_images(batch):  # zero random 2x2 patches (an 8x8 digit has 16)
+            images = batch.inputs[0]
+            h, w = images.shape[-2] // 2, images.shape[-1] // 2
+            keep = (torch.rand((len(images), 1, h, w), generator=generator) >= MASK_SHARE).to(images.dtype)
+            return (images * F.interpolate(keep, scale_factor=2, mode="nearest"),) + tuple(batch.inputs[1:])
+
+        return Kit(distill.batches_from_arrays(arrays, batch_size, seed, labels=labels),
+                   distill.output_loss_for(adapter.output_kind), [(n, n) for n in hidden],
+                   (hidden[-1], hidden[-1]), mask_images, len(arrays[0]), labels)
+    if architecture == "text-transformer":
+        if "attention_mask" not in names or "input_ids" not in names:
+            raise context.user_error("Recovery needs a text model that takes input_ids and an attention mask.")
+        pairs = _block_pairs(student, teacher)
+        ids_at, mask_at = names.index("input_ids"), names.index("attention_mask")
+        mask_id = adapter.mask_token_id() if hasattr(adapter, "mask_token_id") else None
+
+        def mask_tokens(batch):  # hide real tokens (not the first and last: [CLS] and [SEP]) behind [MASK]
+            inputs = list(batch.inputs)
+            ids, real = inputs[ids_at], inputs[mask_at].bool()
+            inner = real.clone()
+            inner[:, 0] = False
+            inner[torch.arange(len(ids)), real.sum(1) - 1] = False
+            hide = inner & (torch.rand(ids.shape, generator=generator) < MASK_SHARE)
+            inputs[ids_at] = torch.where(hide, torch.full_like(ids, int(mask_id)), ids)
+            return tuple(inputs)
+
+        return Kit(distill.batches_from_arrays(arrays, batch_size, seed, labels=labels, mask_index=mask_at,
+                                               trim_to_mask=True),
+                   distill.output_loss_for(adapter.output_kind), pairs, pairs[-1],
+                   mask_tokens if mask_id is not None else None, len(arrays[0]), labels)
+    if architecture == "speech-transformer":
+        from services.engine.methods.distill_student import speech_output_loss, with_frame_masks
+
+        pairs = _block_pairs(student, teacher)
+
+        def mask_frames(batch):  # zero a quarter of the frames, in runs of 4 (10 ms each)
+            features, lengths = batch.inputs
+            runs = (features.shape[1] + 3) // 4
+            keep = (torch.rand((len(features), runs), generator=generator) >= MASK_SHARE).to(features.dtype)
+            keep = keep.repeat_interleave(4, dim=1)[:, :features.shape[1], None]
+            return features * keep, lengths
+
+        return Kit(with_frame_masks(distill.batches_from_arrays(arrays, batch_size, seed)),
+                   speech_output_loss(student, 2.0), pairs, pairs[-1], mask_frames, len(arrays[0]), None)
+    raise context.user_error(f"Recovery cannot train a {architecture or 'model'} of this kind.")
+
+
+# ---- the contrastive loss ---------------------------------------------------------------------------
+
+def pooled(state: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One vector per sample: the mean over real positions (sequences) or over space (feature maps)."""
+    if state.dim() == 4:
+        return state.mean(dim=(2, 3))
+    if state.dim() == 3:
+        if mask is not None and mask.shape[:2] == state.shape[:2]:
+            weights = mask.to(state.dtype)[..., None]
+            return (state * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return state.mean(1)
+    return state.reshape(len(state), -1)
+
+
+def info_nce(anchor: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor | None,
+             temperature: float = TEMPERATURE) -> torch.Tensor:
+    """InfoNCE of each anchor against all keys of the batch: its own key is a positive, the others are
+    negatives; with labels, keys of the same class are positives too (supervised contrast, as CAP's
+    fine-tuned term), averaged over the positives."""
+    logits = F.normalize(anchor, dim=-1) @ F.normalize(keys, dim=-1).T / temperature
+    positives = torch.eye(len(anchor), dtype=torch.bool)
+    if labels is not None:
+        positives = positives | (labels[:, None] == labels[None, :])
+    log_probability = logits.log_softmax(dim=1)
+    return -(log_probability * positives).sum(1).div(positives.sum(1)).mean()
+
+
+class ContrastiveTerm(nn.Module):
+    """CAP's contrast: the student's representation (through a training-only linear head to the
+    original's width) against the original's and each snapshot's representations of the batch."""
+
+    def __init__(self, student_width: int, teacher_width: int, snapshots: list[nn.Module], pair: tuple[str, str]):
+        super().__init__()
+        self.head = nn.Linear(student_width, teacher_width)
+        if student_width == teacher_width:
+            with torch.no_grad():
+                self.head.weight.copy_(torch.eye(student_width))
+                self.head.bias.zero_()
+        self.snapshots = snapshots
+        self.pair = pair
+
+    def forward(self, state: dict) -> torch.Tensor:
+        batch = state["batch"]
+        anchor = self.head(pooled(state["student_hidden"][self.pair[0]], batch.mask))
+        keys = [pooled(state["teacher_hidden"][self.pair[1]], batch.mask)]
+        for snapshot in self.snapshots:
+            with torch.no_grad(), distill.recording(snapshot, [self.pair[0]]) as hidden:
+                snapshot(*batch.inputs)
+            keys.append(self.head(pooled(hidden[self.pair[0]], batch.mask)).detach())
+        return torch.stack([info_nce(anchor, key, batch.labels) for key in keys]).mean()
+
+
+# ---- one recovery ------------------------------------------------------------------------------------
+
+def recover(student: nn.Module, teacher: nn.Module, recovery: dict, context, *, snapshots: list[nn.Module] = (),
+            steps: int | None = None, describe: str = "recovering") -> tuple[str, distill.Outcome]:
+    """Train `student` in place with the recipe's recovery; returns the sentence the run shows and the
+    training's outcome (its loss at every step)."""
+    objective = recovery["objective"]
+    architecture = context.architecture
+    kit = build_kit(architecture, student, teacher, context, recovery["batch_size"], recovery["seed"])
+    steps = steps or recovery["steps"]
+    lr = recovery.get("lr") or DEFAULT_LR.get(architecture, 1e-4)
+    labels_used = kit.labels is not None and objective in ("supervised", "contrastive")
+    if objective == "supervised" and kit.labels is None:
+        raise context.user_error("Supervised recovery needs class labels, and this model's fitting data has none.")
+    if objective == "masked" and kit.mask_inputs is None:
+        raise context.user_error("Masked recovery needs a mask token, and this model's tokenizer has none.")
+
+    def cross_entropy(student_out, teacher_out, batch):
+        logits = student_out[0] if isinstance(student_out, (tuple, list)) else student_out
+        return F.cross_entropy(logits, batch.labels)
+
+    output_loss, hidden_pairs, hidden_weight, extra, extra_modules, student_inputs = None, [], 0.0, None, [], None
+    if objective == "supervised":
+        output_loss = cross_entropy
+    elif objective == "distill":
+        output_loss, hidden_pairs, hidden_weight = kit.output_loss, kit.hidden_pairs, 1.0
+    elif objective == "masked":
+        output_loss, hidden_pairs, hidden_weight, student_inputs = kit.output_loss, kit.hidden_pairs, 1.0, kit.mask_inputs
+    elif objective == "contrastive":
+        hidden_pairs = [kit.representation]  # recorded for the contrast; not matched directly
+        probe = next(kit.batches)
+        with torch.no_grad(), distill.recording(student, [kit.representation[0]]) as s, \
+                distill.recording(teacher, [kit.representation[1]]) as t:
+            student(*probe.inputs)
+            teacher(*probe.inputs)
+        term = ContrastiveTerm(pooled(s[kit.representation[0]], probe.mask).shape[-1],
+                               pooled(t[kit.representation[1]], probe.mask).shape[-1], list(snapshots),
+                               kit.representation)
+        extra, extra_modules = (lambda state: CONTRASTIVE_WEIGHT * term(state)), [term.head]
+        if kit.labels is not None:
+            output_loss = cross_entropy
+    else:
+        raise context.user_error(f"Unknown recovery objective {objective!r}.")
+
+    groups = layer_groups(student)
+    before_step = unfreeze_schedule(groups, recovery["unfreeze"], steps)
+    outcome = distill.train(
+        student, teacher, kit.batches, output_loss, steps=steps, lr=lr, progress=context.progress,
+        hidden_pairs=hidden_pairs, hidden_weight=hidden_weight, shared_projections=False, seed=recovery["seed"],
+        after_step=zero_masks(student), describe=describe, parameters=[p for g in groups for p in g],
+        before_step=before_step, student_inputs=student_inputs, extra_loss=extra, extra_modules=extra_modules)
+    for group in groups:
+        for parameter in group:
+            parameter.requires_grad_(True)
+    start, end = outcome.losses[0], outcome.final_loss
+    used = "the fitting samples' labels" if labels_used else "no labels"
+    if objective == "contrastive":
+        used += (f"; contrast against the original{' and ' + str(len(snapshots)) + ' earlier round(s)' if snapshots else ''}"
+                 " (CAP's pre-trained and fine-tuned models are one checkpoint here)")
+    return (f"Recovery ({objective}): {steps} steps ({outcome.seconds:.0f} s) on {kit.samples} fitting "
+            f"samples, {used}; {UNFREEZE[recovery['unfreeze']]}; loss {start:.4f} → {end:.4f}."), outcome
+
+
+def snapshot(net: nn.Module) -> nn.Module:
+    """A frozen copy of the model as it is now (CAP's snapshot of an earlier pruning round)."""
+    frozen = copy.deepcopy(net).eval()
+    for parameter in frozen.parameters():
+        parameter.requires_grad_(False)
+    return frozen
