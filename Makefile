@@ -30,6 +30,8 @@ bench-methods: install               # each family in depth (each 5-25 min on 2 
 	$(PY) bench/lowrank_cluster.py
 	$(PY) bench/albert_vocab.py
 	$(PY) bench/distill.py
+	$(PY) bench/recovery.py            # recovery objectives at 90% sparsity, structured + distill, train large then compress
+	$(PY) bench/once_for_all.py        # once-for-all vs fixed-rate speech models, 3 seeds (about 45 min)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

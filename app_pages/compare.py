@@ -2,7 +2,7 @@
 import streamlit as st
 
 from services import api
-from ui.charts import tradeoff_chart
+from ui.charts import rate_chart, tradeoff_chart
 from ui.session import get_db
 from ui.tables import COLUMN_ORDER, column_config, runs_frame
 
@@ -21,6 +21,15 @@ if not runs:
     st.info("No runs of this model yet. Submit one on the Compress page.")
     st.page_link("app_pages/compress.py", label="Compress it", icon=":material/compress:", query_params={"model": model_id})
     st.stop()
+
+# A once-for-all model scored at many rates: each task's tolerance, drawn before the per-task table.
+curves = api.rate_curves(runs)
+if curves:
+    st.subheader("Score against the sequence rate, per task")
+    st.caption("Runs whose only step is sequence.pool: one once-for-all model scored at each rate without "
+               "retraining. A task that reads every frame (spoken digits) breaks sooner than one about the whole "
+               "clip (who speaks).")
+    st.altair_chart(rate_chart(curves), width="stretch")
 
 # Scores on different tasks do not share an axis: compare the runs of one task at a time.
 run_tasks = list(dict.fromkeys(run["recipe"]["task"] for run in runs))

@@ -89,6 +89,22 @@ def sensitivity_panel(method: dict, step: dict) -> None:
                 st.success(f"Scan queued (job `{queued['job_id'][:12]}`); it appears here when done.")
 
 
+def rate_sweep_button(step: dict) -> None:
+    """A once-for-all model answers at every rate without retraining: score them all, per task."""
+    rates = ", ".join(f"{r:g}" for r in api.SWEEP_RATES)
+    if st.button(f"Score every rate ({rates}) on every task", key=f"sweep-{step['uid']}",
+                 help="Queues one short job per rate and task; the Compare page then draws each task's score "
+                      "against the rate."):
+        try:
+            queued = api.submit_rate_sweep(db, model_id)
+        except UserError as problem:
+            st.error(str(problem))
+        else:
+            st.success(f"{len(queued)} jobs queued; the Compare page draws the curves as they finish.")
+            st.page_link("app_pages/compare.py", label="Open Compare", icon=":material/monitoring:",
+                         query_params={"model": model_id})
+
+
 applicability = api.method_applicability(model)
 applicable = [m["name"] for m in applicability if m["applies"]]
 st.subheader("Steps")
@@ -109,6 +125,8 @@ for index, step in enumerate(list(st.session_state.steps)):
                 param, key=f"{step['uid']}-{param['name']}", value=step["params"].get(param["name"], param["default"]))
         if method["sensitivity"]:
             sensitivity_panel(method, step)
+        if method["name"] == "sequence.pool":
+            rate_sweep_button(step)
         error_slots[index] = st.empty()
 
 with st.container(border=True):

@@ -316,6 +316,37 @@ def submit_compress(db, model_id: str, recipe) -> dict:
             "recipe": clean}
 
 
+SWEEP_RATES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+
+
+def submit_rate_sweep(db, model_id: str, rates=SWEEP_RATES, tasks: list[str] | None = None) -> list[dict]:
+    """One sequence.pool run per rate and task: a once-for-all model needs no retraining, so each is
+    a job of seconds, and together they draw each task's score against the rate (Compare page)."""
+    model = get_model(db, model_id)
+    tasks = [t for t in (tasks or model["tasks"]) if t != "fidelity"] or model["tasks"]
+    recipes = [{"task": task, "name": f"rate sweep: {task} at {rate:g}x",
+                "steps": [{"method": "sequence.pool", "params": {"rate": float(rate)}}]}
+               for task in tasks for rate in rates]
+    for recipe in recipes:  # all refused before any is queued
+        check_recipe(db, model_id, recipe)
+    return [submit_compress(db, model_id, recipe) for recipe in recipes]
+
+
+def rate_curves(runs: list[dict]) -> list[dict]:
+    """Finished runs whose only step is sequence.pool, as points: task, rate, score, latency ratio."""
+    points = []
+    for run in runs:
+        steps = run["recipe"]["steps"]
+        if len(steps) != 1 or steps[0]["method"] != "sequence.pool" or not run.get("metrics"):
+            continue
+        rate = run["metrics"].get("pooling_rate", steps[0]["params"]["rate"])
+        points.append({"task": run["recipe"]["task"], "rate": float(rate), "score": run["metrics"]["score"],
+                       "score_name": run["metrics"]["score_name"],
+                       "latency_pct": 100.0 * run["metrics"]["latency_ms"]["p50"] / run["baseline"]["latency_ms"]["p50"],
+                       "link": run["share_path"]})
+    return points
+
+
 # ---- jobs ---------------------------------------------------------------------------------
 
 def _check_page(limit: int, offset: int) -> None:

@@ -275,6 +275,10 @@ def _check_recovery(recovery: dict, objective: str, steps: list[dict], model: di
         raise UserError("Recovery cannot follow vocab.trim: the original model it learns from reads the original "
                         "token ids, which the trimmed vocabulary no longer has. Recover in a recipe without "
                         "vocab.trim, or set the objective to none.", field="recovery.objective")
+    if "sequence.pool" in torch_steps:
+        raise UserError("Recovery cannot follow sequence.pool yet: the original it learns from answers frame by frame "
+                        "at the full rate, the pooled model at fewer frames. A once-for-all model needs none; set "
+                        "the objective to none.", field="recovery.objective")
     if clean["rounds"] > 1 and not any(name in ROUND_METHODS for name in torch_steps):
         raise UserError(f"'rounds' spreads a pruning step over several rounds of prune-and-recover, and this recipe "
                         f"has no {' or '.join(ROUND_METHODS)} step; set rounds to 1.", field="recovery.rounds")

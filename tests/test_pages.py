@@ -205,6 +205,34 @@ def test_compress_recovery_without_labels_does_not_offer_supervised(ui_db):
     assert any("**supervised** needs class labels" in text for text in texts(at.caption))
 
 
+def test_compress_rate_sweep_queues_one_short_job_per_rate_and_task(ui_db):
+    at = open_page("app_pages/compress.py", model="speech-ssl")
+    _add_step(at, "sequence.pool")
+    next(b for b in at.button if b.label.startswith("Score every rate")).click().run()
+    assert not at.exception
+    jobs = api.list_jobs(ui_db)
+    assert len(jobs) == 2 * len(api.SWEEP_RATES)  # spoken-digits and speaker-id, fidelity left out
+    recipes = [job["payload"]["recipe"] for job in jobs]
+    assert {(r["task"], r["steps"][0]["params"]["rate"]) for r in recipes} == {
+        (task, rate) for task in ("spoken-digits", "speaker-id") for rate in api.SWEEP_RATES}
+    assert any("14 jobs queued" in text for text in texts(at.success))
+
+
+def test_rate_curves_take_the_runs_of_sequence_pool_alone():
+    def run(task, steps, rate=None, score=0.9):
+        metrics = {"score": score, "score_name": "accuracy", "latency_ms": {"p50": 1.0}}
+        if rate is not None:
+            metrics["pooling_rate"] = rate
+        return {"recipe": {"task": task, "steps": steps}, "metrics": metrics, "baseline": {"latency_ms": {"p50": 2.0}},
+                "share_path": "/result?id=x"}
+
+    pool = [{"method": "sequence.pool", "params": {"rate": 2.0}}]
+    points = api.rate_curves([run("speaker-id", pool), run("spoken-digits", pool, rate=3.25),
+                              run("speaker-id", pool + [{"method": "quantize.dynamic", "params": {}}])])
+    assert [(p["task"], p["rate"], p["latency_pct"]) for p in points] == [("speaker-id", 2.0, 50.0),
+                                                                          ("spoken-digits", 3.25, 50.0)]
+
+
 def _add_step(at: AppTest, method: str) -> None:
     at.selectbox(key="add-choice").set_value(method)
     next(b for b in at.button if b.label == "Add step").click().run()

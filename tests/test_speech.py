@@ -6,6 +6,7 @@ the tests that need it share that folder and copy it when they write.
 """
 from __future__ import annotations
 
+import math
 import shutil
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ from services.engine.speech import features as speech_features
 from services.engine.speech.espeak import espeak
 from services.engine.speech.corpus import MAX_FRAMES, N_MELS, VOICES
 from services.engine.tasks import speech as speech_tasks
+from services.engine.tasks.base import EvalSet
 from services.recipes import validate_recipe
 from storage import ArtifactStore
 
@@ -251,7 +253,21 @@ def test_speech_fidelity_counts_real_frames_only():
     assert scores == {"fidelity": pytest.approx(5 / 6), "fidelity_worst": 0.5, "transcript_agreement": 0.5}
 
 
-@pytest.mark.parametrize("rate", [1, 3, 8])
+def test_speech_fidelity_of_a_pooled_model_compares_transcripts():
+    """Fewer output frames than the original: the frames no longer line up, the transcripts do."""
+    evaluation = SimpleNamespace(inputs={"lengths": np.array([8, 8])})
+    reference = np.zeros((2, MAX_FRAMES, 11), np.float32)
+    reference[:, :, 0] = 1.0
+    reference[:, 2] = np.eye(11)[4]  # both say "3"
+    reference[0, 5] = np.eye(11)[6]  # the first says "35"
+    pooled = np.zeros((2, MAX_FRAMES // 2, 11), np.float32)
+    pooled[:, :, 0] = 1.0
+    pooled[:, 1] = np.eye(11)[4]  # both say "3": right for the second, one digit short for the first
+    scores = speech_tasks.fidelity("spoken-digits", evaluation, pooled, reference)
+    assert scores == {"fidelity": pytest.approx(0.75), "fidelity_worst": 0.5, "transcript_agreement": 0.5}
+
+
+@pytest.mark.parametrize("rate", [1, 1.5, 3, 4.75, 8])
 def test_pooling_by_a_rate_keeps_real_frames_apart_from_padding(rate):
     from services.engine.speech.model import SpeechEncoder
 
@@ -262,9 +278,118 @@ def test_pooling_by_a_rate_keeps_real_frames_apart_from_padding(rate):
     with torch.no_grad():
         log_probs, speakers = net(features, lengths)
         shorter = net(features[1:, :37], lengths[1:])  # the same utterance without its padding
-    frames_out = -(-MAX_FRAMES // rate)
+    frames_out = math.ceil(MAX_FRAMES / rate)
     assert log_probs.shape == (2, frames_out, 11) and speakers.shape == (2, len(VOICES))
     real = int(speech_tasks.output_lengths(np.array([37]), MAX_FRAMES, frames_out)[0])
-    assert real == -(-37 // rate)
+    assert real == math.ceil(37 / rate)
     torch.testing.assert_close(log_probs[1, :real], shorter[0][0, :real], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(speakers[1], shorter[1][0], atol=1e-4, rtol=1e-4)
+
+
+def test_a_fractional_rate_weighs_frames_by_their_overlap_and_equals_the_whole_rate_path():
+    from services.engine.speech.model import TimePooling
+
+    x = torch.arange(6, dtype=torch.float32).reshape(1, 6, 1)
+    mask = torch.ones(1, 6)
+    pooled, real = TimePooling(1.5)(x, mask)  # windows [0, 1.5), [1.5, 3), [3, 4.5), [4.5, 6)
+    torch.testing.assert_close(pooled.flatten(), torch.tensor([(0 + 0.5) / 1.5, (0.5 + 2) / 1.5,
+                                                               (3 + 2) / 1.5, (2 + 5) / 1.5]))
+    assert real.tolist() == [[1.0, 1.0, 1.0, 1.0]]
+    features, lengths = torch.randn(2, 40, 3), torch.tensor([40, 23])
+    mask = (torch.arange(40)[None] < lengths[:, None]).float()
+    whole, whole_real = TimePooling(4)(features, mask)
+    fractional, fractional_real = TimePooling(4 + 1e-6)(features, mask)  # the overlap-matrix path
+    torch.testing.assert_close(fractional, whole, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fractional_real, whole_real)
+
+
+@pytest.mark.parametrize("rate", [1.5, 2.5, 6.5])
+def test_a_fractional_rate_exports_with_the_length_left_free(tmp_path, rate):
+    from services.engine.speech.model import SpeechEncoder
+
+    torch.manual_seed(0)
+    net = SpeechEncoder(rate=rate).eval()
+    path = tmp_path / "pooled.onnx"
+    torch.onnx.export(net, (torch.randn(2, 160, N_MELS), torch.tensor([160, 90])), str(path), dynamo=False,
+                      input_names=["features", "lengths"], output_names=["digit_log_probs", "speaker_logits"],
+                      dynamic_axes={"features": {0: "batch", 1: "frames"}, "lengths": {0: "batch"}}, opset_version=17)
+    for frames in (160, 500):
+        features, lengths = torch.randn(1, frames, N_MELS), torch.tensor([frames])
+        got = _session(path).run(None, {"features": features.numpy(), "lengths": lengths.numpy()})
+        with torch.no_grad():
+            expected = net(features, lengths)
+        assert got[0].shape == (1, math.ceil(frames / rate), 11)
+        np.testing.assert_allclose(got[0], expected[0].numpy(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_speech_ssl_is_trained_once_for_all_and_pools_at_any_rate_without_retraining(prepared, tmp_path):
+    """One once-for-all model: sequence.pool only sets the rate; the outputs get shorter, the scores stay
+    usable for the utterance-level task, and a long clip runs faster at a high rate."""
+    net = pipeline._load_torch_model(prepared.store, "speech-ssl")
+    assert net.trained_rates.tolist() == [1.0, 8.0]
+    home = tmp_path / "home"
+    shutil.copytree(prepared.home, home)
+    store = ArtifactStore(home)
+    scores = {}
+    for rate in (1.5, 6.0):
+        for task in ("spoken-digits", "speaker-id"):
+            recipe = validate_recipe({"task": task, "steps": [{"method": "sequence.pool", "params": {"rate": rate}}]},
+                                     prepared.model, TASKS)
+            run = pipeline.compress(store, dict(prepared.model), recipe, f"pool-{rate}-{task}", lambda f, m: None)["run"]
+            scores[rate, task] = run["metrics"]["score"]
+            assert run["metrics"]["params"] == run["baseline"]["params"]
+            assert "no retraining was needed" in run["metrics"]["notes"][0]
+            outputs = _all_outputs(store.resolve(run["artifact"]), tasks.eval_set(task, "speech-ssl"))
+            assert outputs["digit_log_probs"].shape[1] == math.ceil(MAX_FRAMES / rate)
+    assert scores[1.5, "speaker-id"] > 4 / len(VOICES) and scores[6.0, "speaker-id"] > 4 / len(VOICES)
+
+    # ten seconds of audio: the rate-6 model runs in fewer operations, and ONNX Runtime sees it
+    long_audio = EvalSet(inputs={"features": np.random.default_rng(0).normal(
+        -5, 1, (1, 500, N_MELS)).astype(np.float32), "lengths": np.array([500])}, labels=None, latency_batch=1)
+    paths = []
+    for rate in (1.0, 6.0):
+        net.pool.rate = rate
+        path = tmp_path / f"long-{rate}.onnx"
+        torch.onnx.export(net, (torch.randn(1, 500, N_MELS), torch.tensor([500])), str(path), dynamo=False,
+                          input_names=["features", "lengths"], output_names=["digit_log_probs", "speaker_logits"],
+                          opset_version=17)
+        paths.append(path)
+    full, pooled = measure.measure_latency(paths, long_audio, seconds=2.0)
+    assert pooled["latency_ms"]["p50"] < 0.8 * full["latency_ms"]["p50"]  # measured: about 2x faster
+
+
+def test_a_learned_rate_rises_with_its_compute_penalty():
+    """learn_rate moves only the rate (weights frozen) and a higher penalty buys a higher rate."""
+    from services.engine.speech.model import SpeechEncoder
+    from services.engine.speech.train import compute_share, learn_rate
+
+    torch.manual_seed(0)
+    net = SpeechEncoder(n_speakers=3, d_model=32, layers=2, heads=2, d_ff=64).eval()
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = np.random.default_rng(0)
+    features = rng.normal(-5, 2, (48, 60, N_MELS)).astype(np.float32)
+    lengths = rng.integers(30, 61, 48)
+    labels = rng.integers(0, 3, 48)
+    rates = {}
+    for penalty in (0.0, 5.0):
+        learned = learn_rate(net, features, lengths, labels, "speaker-id", penalty=penalty, steps=40, batch=16)
+        rates[penalty] = learned.rate
+        assert 1.0 <= learned.rate <= 8.0 and len(learned.trajectory) == 40
+        assert net.pool.rate == learned.rate and isinstance(net.pool.rate, float)
+    assert rates[5.0] > rates[0.0] + 1.0
+    assert all(torch.equal(weights[k], v) for k, v in net.state_dict().items())  # nothing but the rate moved
+    assert all(p.requires_grad for p in net.parameters())
+    assert compute_share(net, 1.0) == 1.0 and compute_share(net, 4.0) == pytest.approx((1 + 1 / 4) / 2)
+
+
+def test_sequence_pool_is_refused_where_it_cannot_work():
+    from services.errors import UserError
+
+    with pytest.raises(UserError, match="sequence.pool does not apply to digits-cnn"):
+        validate_recipe({"steps": [{"method": "sequence.pool"}]}, {"id": "digits-cnn", "format": "torch",
+                                                                   "task": "digits"}, ["digits"])
+    with pytest.raises(UserError, match="'rate' must be between 1 and 8"):
+        validate_recipe({"steps": [{"method": "sequence.pool", "params": {"rate": 9}}]}, MODEL, TASKS)
+    with pytest.raises(UserError, match="cannot follow sequence.pool"):
+        validate_recipe({"steps": [{"method": "sequence.pool"}], "recovery": {"objective": "distill"}}, MODEL, TASKS)

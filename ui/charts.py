@@ -91,3 +91,19 @@ def sensitivity_chart(layers: list[dict], top: int = 20) -> alt.Chart:
         )
         .properties(height=max(100, 26 * len(frame)))
     )
+
+
+def rate_chart(points: list[dict]) -> alt.Chart:
+    """Each task's score against the sequence-pooling rate (one once-for-all model, no retraining)."""
+    frame = pd.DataFrame(points).sort_values("rate")
+    frame["score_pct"] = 100.0 * frame["score"]
+    frame["label"] = frame["task"] + " (" + frame["score_name"] + ")"
+    base = alt.Chart(frame).encode(
+        x=alt.X("rate", title="Pooling rate (frames averaged into one; 20 ms × rate per frame)",
+                scale=alt.Scale(zero=False)),
+        y=alt.Y("score_pct", title="Score (%)", scale=alt.Scale(zero=False, nice=True)),
+        color=alt.Color("label", legend=alt.Legend(title=None, orient="bottom")),
+        tooltip=["task", alt.Tooltip("rate", format=".2f"), alt.Tooltip("score_pct", title="score (%)", format=".2f"),
+                 alt.Tooltip("latency_pct", title="latency (% of rate 1)", format=".0f")],
+    )
+    return (base.mark_line(point=False) + base.mark_point(filled=True, size=70).encode(href="link")).properties(height=300)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+
 @dataclass(frozen=True)
 class Objective:
     name: str
@@ -40,9 +41,12 @@ UNFREEZE = {
     "frozen": "only the head (the last layer group) is trained",
     "gradual": "layers are unfrozen from the top down during training",
 }
+
+
 # ---- what the data and the model allow --------------------------------------------------------------
 
 def has_class_labels(fit, output_kind: str) -> bool:
+    """Whether a fitting set carries one integer class label per sample for a class-score output."""
     labels = getattr(fit, "labels", None)
     return (output_kind == "logits" and isinstance(labels, np.ndarray) and labels.ndim == 1
             and labels.dtype.kind in "iu" and len(labels) == len(next(iter(fit.inputs.values()))))

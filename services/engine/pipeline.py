@@ -47,6 +47,7 @@ class StepContext:
     architecture: str = ""
     tokenizer_file: Path | None = None
     notes: list = field(default_factory=list)
+    extra_metrics: dict = field(default_factory=dict)  # facts a step found, stored with the run's metrics
     _fit_set: EvalSet | None = None
 
     @staticmethod
@@ -218,6 +219,7 @@ def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progr
     baseline = measure_model(baseline_path, task, model["id"], kind, evaluation, reference, reference, base_latency)
     metrics = measure_model(final, task, model["id"], kind, final_evaluation, outputs, reference, run_latency)
     metrics["job_seconds"] = round(time.perf_counter() - started, 2)
+    metrics.update(context.extra_metrics)
     if context.notes:
         metrics["notes"] = list(context.notes)
     if extra_files:  # relative to the data folder, like the artifact

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.engine import distill
-from services.engine.objectives import OBJECTIVES, UNFREEZE, has_class_labels
+from services.engine.objectives import UNFREEZE, has_class_labels
 
 DEFAULT_LR = {"cnn": 1e-3, "text-transformer": 5e-5, "speech-transformer": 3e-4}
 TEMPERATURE = 0.1  # InfoNCE temperature (CAP and MoCo use 0.05-0.2)

@@ -283,11 +283,11 @@ def speech_output_loss(net, temperature: float):
     return output_loss
 
 
-def _frame_mask(lengths, rate: int, frames: int):
+def _frame_mask(lengths, rate: float, frames: int):
     """1 for the real output frames of each utterance (its length pooled at `rate`), 0 for padding."""
     import torch
 
-    pooled = (lengths + rate - 1) // rate
+    pooled = torch.ceil(lengths.double() / float(rate))
     return (torch.arange(frames)[None, :] < pooled[:, None]).float()
 
 

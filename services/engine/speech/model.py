@@ -26,27 +26,46 @@ def sinusoids(length: int, channels: int) -> torch.Tensor:
 
 
 class TimePooling(nn.Module):
-    """Average r neighbouring frames into one (ceil(T / r) frames out), counting only real frames.
+    """Average every r neighbouring frames into one, ceil(T / r) frames out, counting only real frames.
 
-    At rate 1 it is the identity and adds nothing to the exported graph. It stays a module of its
-    own so that a rate can be chosen per run (once-for-all training varies it).
+    The rate is any number from 1 up (once-for-all training varies it, a run picks one): at rate 1
+    it is the identity and adds nothing to the exported graph; a whole rate averages blocks of r
+    frames; a fractional rate (1.5: three frames become two) weights each input frame by how much
+    of it falls inside each output frame's window [i r, (i + 1) r), a small matrix product that
+    exports to ONNX with the number of frames left dynamic.
     """
 
-    def __init__(self, rate: int = 1):
+    def __init__(self, rate: float = 1):
         super().__init__()
-        self.rate = int(rate)
+        self.rate = rate
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.rate == 1:
+        learnable = isinstance(self.rate, torch.Tensor)  # a rate being learned (gradients flow to it)
+        rate = float(self.rate.detach()) if learnable else float(self.rate)
+        if rate == 1.0 and not learnable:
             return x, mask
-        rate = self.rate
-        batch, frames, channels = x.shape
-        pad = (-frames) % rate
-        x = F.pad(x * mask[..., None], (0, 0, 0, pad))
-        mask = F.pad(mask, (0, pad))
-        summed = x.reshape(batch, -1, rate, channels).sum(2)
-        counts = mask.reshape(batch, -1, rate).sum(2)
-        return summed / counts.clamp(min=1.0)[..., None], (counts > 0).to(x.dtype)
+        if rate.is_integer() and not learnable:
+            rate = int(rate)
+            batch, frames, channels = x.shape
+            pad = (-frames) % rate
+            x = F.pad(x * mask[..., None], (0, 0, 0, pad))
+            mask = F.pad(mask, (0, pad))
+            summed = x.reshape(batch, -1, rate, channels).sum(2)
+            counts = mask.reshape(batch, -1, rate).sum(2)
+            return summed / counts.clamp(min=1.0)[..., None], (counts > 0).to(x.dtype)
+        frames = x.shape[1]
+        if learnable:  # the window edges i * r move with the rate; their number ceil(T / r) is a step
+            starts = torch.arange(math.ceil(frames / rate), dtype=x.dtype, device=x.device) * self.rate
+            rate = self.rate
+        else:
+            starts = torch.arange(0, frames, rate, dtype=torch.float32, device=x.device)  # ceil(T / r) windows
+        inputs = torch.arange(frames, dtype=torch.float32, device=x.device)
+        overlap = (torch.minimum(starts[:, None] + rate, inputs[None, :] + 1)
+                   - torch.maximum(starts[:, None], inputs[None, :])).clamp(min=0.0)  # (T', T)
+        weights = overlap[None] * mask[:, None, :]  # (B, T', T): padding frames weigh nothing
+        counts = weights.sum(-1)
+        # a window that only grazes a real frame by rounding error is not a real output frame
+        return weights @ x / counts.clamp(min=1e-6)[..., None], (counts > 1e-4).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -97,7 +116,7 @@ class SpeechEncoder(nn.Module):
     """
 
     def __init__(self, n_speakers: int = 12, d_model: int = 128, layers: int = 4, heads: int = 4, d_ff: int = 512,
-                 dropout: float = 0.1, pool_after: int = 1, rate: int = 1, max_frames: int = 512):
+                 dropout: float = 0.1, pool_after: int = 1, rate: float = 1, max_frames: int = 512):
         super().__init__()
         # Global log-mel statistics of the training audio, set before training and saved with the weights.
         self.register_buffer("feature_mean", torch.zeros(N_MELS))
@@ -108,6 +127,9 @@ class SpeechEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(d_model, heads, d_ff, dropout) for _ in range(layers))
         self.pool_after = pool_after
         self.pool = TimePooling(rate)
+        # The range of pooling rates fine-tuning covered, saved with the weights: [1, 1] for a model
+        # trained without pooling, [1, 8] for a once-for-all model (services/engine/speech/train.py).
+        self.register_buffer("trained_rates", torch.tensor([float(rate), float(rate)]))
         self.norm = nn.LayerNorm(d_model)
         self.ctc_head = nn.Linear(d_model, N_TOKENS)
         self.speaker_head = nn.Linear(d_model, n_speakers)
@@ -143,5 +165,6 @@ class SpeechEncoder(nn.Module):
         return self.heads(*self.encode(features, lengths))
 
 
-def pooled_lengths(lengths: torch.Tensor, rate: int) -> torch.Tensor:
-    return (lengths + rate - 1) // rate
+def pooled_lengths(lengths: torch.Tensor, rate: float) -> torch.Tensor:
+    """Real frames after pooling at `rate`: ceil(length / rate)."""
+    return torch.ceil(lengths.double() / float(rate)).long()

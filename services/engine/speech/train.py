@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.engine.speech.corpus import MAX_FRAMES, N_MELS, SpeechCorpus
-from services.engine.speech.model import BLANK, SpeechEncoder
+from services.engine.speech.model import BLANK, SpeechEncoder, pooled_lengths
 
 Progress = Callable[[float, str], None]
 
@@ -45,6 +45,11 @@ class Schedule:
     deep_reconstruction: bool = True  # pretraining: an MLP (not a linear layer) reconstructs the frames
     visible_weight: float = 1.0  # pretraining: weight of the frames left visible in the loss (hidden ones: 1)
     denoise: bool = True  # pretraining: reconstruct the frames of the speech without its noise
+    # Once-for-all fine-tuning: every step pools time at a rate drawn from [1, max_rate] (rate 1 in
+    # `full_rate_share` of the steps, so the unpooled path is trained too): one model for any rate.
+    once_for_all: bool = True
+    max_rate: float = 8.0
+    full_rate_share: float = 0.2
 
     def scaled(self, scale: float | None = None) -> "Schedule":
         scale = steps_scale() if scale is None else scale
@@ -173,20 +178,35 @@ def finetune_loss(model: SpeechEncoder, batch: dict, speaker_weight: float = 1.0
     if digits.any():
         rows = torch.nonzero(digits).flatten()
         targets = [batch["targets"][i] for i in rows.tolist()]
-        rate = model.pool.rate
         loss = loss + F.ctc_loss(
             log_probs[rows].transpose(0, 1), torch.cat(targets),
-            (batch["lengths"][rows] + rate - 1) // rate, torch.tensor([len(t) for t in targets]),
+            pooled_lengths(batch["lengths"][rows], model.pool.rate), torch.tensor([len(t) for t in targets]),
             blank=BLANK, zero_infinity=True)
     return loss
 
 
+class RateSampler:
+    """Once-for-all rates: 1 with probability `full_rate_share`, else uniform in [1, max_rate]."""
+
+    def __init__(self, max_rate: float, full_rate_share: float, seed: int):
+        self.max_rate, self.full_rate_share = float(max_rate), float(full_rate_share)
+        self.rng = np.random.default_rng(seed + 3)
+
+    def __call__(self) -> float:
+        if self.rng.random() < self.full_rate_share:
+            return 1.0
+        return float(self.rng.uniform(1.0, self.max_rate))
+
+
 def finetune(model: SpeechEncoder, data: TrainingSet, steps: int, lr: float = 1e-3, seed: int = SEED,
              speaker_weight: float = 1.0, progress: Progress | None = None,
-             span: tuple[float, float] = (0.0, 1.0), encoder_lr_scale: float = 1.0) -> list[float]:
+             span: tuple[float, float] = (0.0, 1.0), encoder_lr_scale: float = 1.0,
+             rates: "RateSampler | None" = None) -> list[float]:
     """CTC over digit strings plus speaker cross-entropy; every weight trains, the encoder's at
-    `encoder_lr_scale` times the heads' learning rate."""
+    `encoder_lr_scale` times the heads' learning rate. With `rates` (a RateSampler), every step
+    pools time at a newly drawn rate (once-for-all); the model's own rate is kept otherwise."""
     torch.manual_seed(seed + 2)
+    fixed_rate = model.pool.rate
     heads = [*model.ctc_head.parameters(), *model.speaker_head.parameters()]
     encoder = [p for p in model.parameters() if all(p is not h for h in heads)]
     groups = [{"params": heads, "lr": lr}, {"params": encoder, "lr": lr * encoder_lr_scale}]
@@ -194,9 +214,15 @@ def finetune(model: SpeechEncoder, data: TrainingSet, steps: int, lr: float = 1e
     model.train()
     losses = []
     for step in range(steps):
+        if rates is not None:
+            model.pool.rate = rates()
         loss = finetune_loss(model, data.batch(), speaker_weight)
         losses.append(_step(model, loss, optimizer, scheduler))
-        _report(progress, span, step, steps, "fine-tuning the digit and speaker heads", float(np.mean(losses[-25:])))
+        _report(progress, span, step, steps, "fine-tuning the digit and speaker heads"
+                + (" at every rate (once-for-all)" if rates is not None else ""), float(np.mean(losses[-25:])))
+    model.pool.rate = fixed_rate
+    if rates is not None:
+        model.trained_rates.copy_(torch.tensor([1.0, rates.max_rate]))
     model.eval()
     return losses
 
@@ -221,8 +247,78 @@ def train_speech_ssl(corpus: SpeechCorpus, schedule: Schedule, progress: Progres
         pretrain(model, data, schedule.pretrain_steps, schedule.pretrain_lr, seed, progress, (span[0], middle),
                  schedule.deep_reconstruction, schedule.visible_weight, schedule.denoise)
     pretrained = time.perf_counter()
+    rates = (RateSampler(schedule.max_rate, schedule.full_rate_share, seed) if schedule.once_for_all else None)
     finetune(model, data, schedule.finetune_steps, schedule.finetune_lr, seed, schedule.speaker_weight,
-             progress, (middle, span[1]), schedule.encoder_lr_scale)
+             progress, (middle, span[1]), schedule.encoder_lr_scale, rates)
     model.pretrain_seconds = pretrained - started  # type: ignore[attr-defined]
     model.finetune_seconds = time.perf_counter() - pretrained  # type: ignore[attr-defined]
     return model
+
+
+# ---- a learned rate: the task's own trade-off between score and compute --------------------------
+
+def task_loss(model: SpeechEncoder, features: torch.Tensor, lengths: torch.Tensor, labels, task: str) -> torch.Tensor:
+    """The training loss of one task on one batch: CTC over the digit strings (spoken-digits) or the
+    speaker's cross-entropy (speaker-id)."""
+    log_probs, speaker_logits = model(features, lengths)
+    if task == "speaker-id":
+        return F.cross_entropy(speaker_logits, torch.as_tensor(labels, dtype=torch.long))
+    targets = [torch.tensor([int(c) + 1 for c in s], dtype=torch.long) for s in labels]
+    return F.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), pooled_lengths(lengths, float(model.pool.rate)),
+                      torch.tensor([len(t) for t in targets]), blank=BLANK, zero_infinity=True)
+
+
+def compute_share(model: SpeechEncoder, rate):
+    """Share of the encoder's frame-layer work left at `rate`: the layers before the pooling see every
+    frame, the others 1 / rate of them (attention's quadratic part is left out: a lower bound)."""
+    layers, before = len(model.layers), model.pool_after
+    return (before + (layers - before) / rate) / layers
+
+
+@dataclass
+class LearnedRate:
+    rate: float
+    steps: int
+    seconds: float
+    trajectory: list  # the rate after every step
+
+
+def learn_rate(model: SpeechEncoder, features: np.ndarray, lengths: np.ndarray, labels, task: str, *,
+               penalty: float, steps: int = 100, lr: float = 0.05, batch: int = 32, seed: int = SEED,
+               start: float = 2.0, max_rate: float = 8.0, progress: Progress | None = None) -> LearnedRate:
+    """One training that finds the task's rate instead of a grid search: the weights stay frozen (a
+    once-for-all model runs at any rate), and only the rate r = 1 + (max_rate - 1) sigmoid(theta)
+    learns, by gradient descent on  task loss + penalty × compute_share(r).  The loss reaches r
+    through the pooling windows' edges, which move with it; a higher penalty buys a higher rate."""
+    started = time.perf_counter()
+    generator = np.random.default_rng(seed)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    share = (start - 1.0) / (max_rate - 1.0)
+    theta = torch.tensor(math.log(share / (1 - share)), requires_grad=True)
+    optimizer = torch.optim.Adam([theta], lr=lr)
+    labels = list(labels) if task == "spoken-digits" else np.asarray(labels)
+    trajectory = []
+    model.eval()  # no dropout: the rate is judged on the model as it runs
+    try:
+        for step in range(steps):
+            rows = generator.choice(len(lengths), size=min(batch, len(lengths)), replace=False)
+            longest = int(lengths[rows].max())
+            rate = 1.0 + (max_rate - 1.0) * torch.sigmoid(theta)
+            model.pool.rate = rate
+            picked = [labels[i] for i in rows] if task == "spoken-digits" else labels[rows]
+            loss = task_loss(model, torch.from_numpy(features[rows, :longest]), torch.from_numpy(lengths[rows]),
+                             picked, task) + penalty * compute_share(model, rate)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            trajectory.append(float(rate.detach()))
+            if progress and (step % 10 == 9 or step == steps - 1):
+                progress((step + 1) / steps, f"learning the rate: step {step + 1}/{steps}, rate {trajectory[-1]:.2f}")
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+    learned = float(np.mean(trajectory[-max(1, steps // 10):]))  # the last tenth: one step is noisy
+    model.pool.rate = learned
+    return LearnedRate(rate=learned, steps=steps, seconds=time.perf_counter() - started, trajectory=trajectory)

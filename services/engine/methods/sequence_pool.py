@@ -1,0 +1,88 @@
+"""sequence.pool: shorten the sequence inside the encoder (once-for-all sequence compression).
+
+For a sequence model the length of the sequence drives the cost: every layer after the pooling
+works on ceil(T / rate) frames instead of T. The speech encoder averages neighbouring frames after
+its first layer (services/engine/speech/model.py, TimePooling), at any rate from 1 to 8, fractional
+ones included (a 20 ms frame period becomes 20 × rate ms). speech-ssl is fine-tuned once-for-all
+(services/engine/speech/train.py: a new rate every step, rate 1 in a fifth of them), so this step
+only sets the rate: no training, results in seconds, one model for every rate. A model fine-tuned at
+rate 1 only (`trained_rates` [1, 1]) is pooled all the same, with a note that it was not trained for
+it. Token merging for text transformers is not built yet.
+"""
+from services.engine.registry import Method, Param
+
+FRAME_MS = 20  # speech-ssl's log-mel hop
+
+
+def apply(net, params: dict, context) -> None:
+    from services.engine.speech.model import TimePooling
+
+    pool = getattr(net, "pool", None)
+    if not isinstance(pool, TimePooling):
+        raise context.user_error("sequence.pool needs an encoder with a pooling stage between its layers (the "
+                                 "speech encoder has one); this model has none.")
+    low, high = (float(v) for v in net.trained_rates.tolist())
+    rate = float(params["rate"])
+    if params["learn_rate"]:
+        rate = _learned_rate(net, params, context, high)
+    pool.rate = rate
+    context.extra_metrics["pooling_rate"] = rate
+    where = f"after encoder layer {net.pool_after} of {len(net.layers)}"
+    note = (f"sequence.pool: frames averaged {rate:g} to 1 {where}: a frame every {FRAME_MS * rate:g} ms instead of "
+            f"{FRAME_MS} ms, so the later layers and the heads see {1 / rate:.0%} of the frames.")
+    if low <= rate <= high and high > 1:
+        note += f" The model was trained once-for-all for rates {low:g}-{high:g}: no retraining was needed."
+    else:
+        note += (f" The model was fine-tuned for rates {low:g}-{high:g} only: expect a large drop at this rate "
+                 "(retrain it once-for-all).")
+    context.notes.append(note)
+
+
+def _learned_rate(net, params: dict, context, high: float) -> float:
+    """The rate one short training picks for this task (services/engine/speech/train.learn_rate)."""
+    from services.engine.speech.train import compute_share, learn_rate
+
+    if high <= 1:
+        raise context.user_error("Learning the rate needs a model trained once-for-all (it judges every rate "
+                                 "without retraining); this one was fine-tuned at rate 1 only.")
+    if context.task not in ("spoken-digits", "speaker-id"):
+        raise context.user_error("Learning the rate needs the task's labels: score the run on spoken-digits or "
+                                 "speaker-id, whose training loss it weighs against the compute saved.")
+    fit = context.fit_set()
+    learned = learn_rate(net, fit.inputs["features"], fit.inputs["lengths"], fit.labels, context.task,
+                         penalty=params["rate_penalty"], steps=params["learn_steps"], max_rate=high,
+                         progress=context.progress)
+    context.notes.append(
+        f"sequence.pool learned the rate {learned.rate:.2f} for {context.task} in one training of {learned.steps} "
+        f"steps ({learned.seconds:.0f} s, weights frozen) at a compute penalty of {params['rate_penalty']:g}; the "
+        f"encoder then does {compute_share(net, learned.rate):.0%} of its frame work.")
+    return learned.rate
+
+
+METHOD = Method(
+    name="sequence.pool",
+    title="Shorter sequences (once-for-all pooling)",
+    explanation=(
+        "Averages neighbouring audio frames inside the encoder so that most layers work on a sequence `rate` times "
+        "shorter: faster, most of all on long audio, with no retraining for a model trained once-for-all; tasks "
+        "that read every frame (digit strings) tolerate less shortening than tasks about the whole clip (who "
+        "speaks)."
+    ),
+    stage="torch",
+    applies_to=("torch",),
+    architectures=("speech-transformer",),
+    params=(
+        Param("rate", "float", 2.0, "How many frames become one (1 = unchanged, 2 = a frame every 40 ms, 8 = every "
+              "160 ms); any value in between works.", minimum=1.0, maximum=8.0, step=0.25),
+        Param("learn_rate", "bool", False, "Let a short training pick the rate for the task the run is scored on, "
+              "instead of trying rates one by one: it weighs the task's loss against the compute saved "
+              "(the rate above is then ignored)."),
+        Param("rate_penalty", "float", 0.5, "When learning the rate: how much compute counts against the task's "
+              "loss; higher picks a higher rate (faster, less accurate).", minimum=0.0, maximum=10.0, step=0.05),
+        Param("learn_steps", "int", 100, "When learning the rate: training steps (weights frozen, only the rate "
+              "moves).", minimum=10, maximum=2000, step=10),
+    ),
+    effect_note=("Parameters and file size do not change: the gain is time, which grows with the audio's length "
+                 "(per-call overhead hides it on short clips at batch 1)."),
+    apply=apply,
+)
