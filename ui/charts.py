@@ -102,7 +102,7 @@ def rate_chart(points: list[dict]) -> alt.Chart:
         x=alt.X("rate", title="Pooling rate (frames averaged into one; 20 ms × rate per frame)",
                 scale=alt.Scale(zero=False)),
         y=alt.Y("score_pct", title="Score (%)", scale=alt.Scale(zero=False, nice=True)),
-        color=alt.Color("label", legend=alt.Legend(title=None, orient="bottom")),
+        color=alt.Color("label", legend=alt.Legend(title=None, orient="bottom", labelLimit=400)),
         tooltip=["task", alt.Tooltip("rate", format=".2f"), alt.Tooltip("score_pct", title="score (%)", format=".2f"),
                  alt.Tooltip("latency_pct", title="latency (% of rate 1)", format=".0f")],
     )

@@ -264,7 +264,9 @@ def task_loss(model: SpeechEncoder, features: torch.Tensor, lengths: torch.Tenso
     if task == "speaker-id":
         return F.cross_entropy(speaker_logits, torch.as_tensor(labels, dtype=torch.long))
     targets = [torch.tensor([int(c) + 1 for c in s], dtype=torch.long) for s in labels]
-    return F.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), pooled_lengths(lengths, float(model.pool.rate)),
+    rate = model.pool.rate
+    rate = float(rate.detach()) if isinstance(rate, torch.Tensor) else float(rate)  # a rate being learned
+    return F.ctc_loss(log_probs.transpose(0, 1), torch.cat(targets), pooled_lengths(lengths, rate),
                       torch.tensor([len(t) for t in targets]), blank=BLANK, zero_infinity=True)
 
 
@@ -284,7 +286,7 @@ class LearnedRate:
 
 
 def learn_rate(model: SpeechEncoder, features: np.ndarray, lengths: np.ndarray, labels, task: str, *,
-               penalty: float, steps: int = 100, lr: float = 0.05, batch: int = 32, seed: int = SEED,
+               penalty: float, steps: int = 100, lr: float = 0.1, batch: int = 32, seed: int = SEED,
                start: float = 2.0, max_rate: float = 8.0, progress: Progress | None = None) -> LearnedRate:
     """One training that finds the task's rate instead of a grid search: the weights stay frozen (a
     once-for-all model runs at any rate), and only the rate r = 1 + (max_rate - 1) sigmoid(theta)
