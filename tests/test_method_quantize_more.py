@@ -139,6 +139,26 @@ def test_static_keeps_named_nodes_in_float_and_names_real_ones_when_wrong(prepar
         _run("quantize.static", prepared.onnx, tmp_path / "none.onnx", tmp_path, operators=["Gather"])
 
 
+def test_static_one_layer_at_a_time_calibrates_once_per_setting_and_samples(prepared, tmp_path):
+    """A sensitivity scan quantizes each layer alone: the ranges are measured once and reused."""
+    context = _context(tmp_path)
+    layers = REGISTRY["quantize.static"].layer_names(prepared.onnx)
+    assert len(layers) == 4
+    for index, layer in enumerate(layers[:2]):
+        params = {**_params("quantize.static", calibration_samples=64), "only_layers": [layer]}
+        REGISTRY["quantize.static"].apply(prepared.onnx, tmp_path / f"one{index}.onnx", params, context)
+        caches = list(tmp_path.glob("static_calibration_*.json"))
+        if index == 0:
+            first = (caches[0], caches[0].stat().st_mtime_ns)
+        assert [(c, c.stat().st_mtime_ns) for c in caches] == [first]
+        quantized = [n for n in _initializers(tmp_path / f"one{index}.onnx") if n.endswith("weight_quantized")]
+        assert len(quantized) == 1  # only this layer's weight (and its bias)
+    # other samples are other ranges: a second cache, not the first one reused
+    params = {**_params("quantize.static", calibration_samples=32), "only_layers": [layers[0]]}
+    REGISTRY["quantize.static"].apply(prepared.onnx, tmp_path / "fewer.onnx", params, context)
+    assert len(list(tmp_path.glob("static_calibration_*.json"))) == 2
+
+
 def test_static_runs_as_a_job_and_reports_what_it_calibrated_on(prepared, tmp_path):
     home = tmp_path / "home"
     shutil.copytree(prepared.home, home)

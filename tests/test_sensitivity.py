@@ -52,6 +52,12 @@ def test_a_4_bit_scan_stores_one_linear_layer_at_a_time(prepared_home):
     assert all(0.9 <= row["fidelity"] <= 1.0 and row["output_error"] > 0 for row in scan["layers"])
 
 
+def test_a_static_scan_quantizes_one_layer_at_a_time(prepared_home):
+    scan = _scan(prepared_home, "quantize.static", {"calibration_samples": 64})
+    assert len(scan["layers"]) == 4  # two convolutions and two linear layers
+    assert all(0.8 <= row["fidelity"] <= 1.0 and row["output_error"] > 0 for row in scan["layers"])
+
+
 def test_fit_sets_never_contain_what_is_scored():
     from services.engine.tasks import pydoc_retrieval
 
