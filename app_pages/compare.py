@@ -28,7 +28,8 @@ if curves:
     st.subheader("Score against the sequence rate, per task")
     st.caption("Runs whose only step is sequence.pool: one once-for-all model scored at each rate without "
                "retraining. A task that reads every frame (spoken digits) breaks sooner than one about the whole "
-               "clip (who speaks).")
+               "clip (who speaks). Large diamonds: runs that learned their rate (`learn_rate`), beside the rates "
+               "chosen by hand.")
     st.altair_chart(rate_chart(curves), width="stretch")
 
 # Scores on different tasks do not share an axis: compare the runs of one task at a time.

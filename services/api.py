@@ -341,6 +341,7 @@ def rate_curves(runs: list[dict]) -> list[dict]:
             continue
         rate = run["metrics"].get("pooling_rate", steps[0]["params"]["rate"])
         points.append({"task": run["recipe"]["task"], "rate": float(rate), "score": run["metrics"]["score"],
+                       "how": "learned rate" if steps[0]["params"].get("learn_rate") else "rate chosen",
                        "score_name": run["metrics"]["score_name"],
                        "latency_pct": 100.0 * run["metrics"]["latency_ms"]["p50"] / run["baseline"]["latency_ms"]["p50"],
                        "link": run["share_path"]})

@@ -231,6 +231,14 @@ def test_rate_curves_take_the_runs_of_sequence_pool_alone():
                               run("speaker-id", pool + [{"method": "quantize.dynamic", "params": {}}])])
     assert [(p["task"], p["rate"], p["latency_pct"]) for p in points] == [("speaker-id", 2.0, 50.0),
                                                                           ("spoken-digits", 3.25, 50.0)]
+    assert [p["how"] for p in points] == ["rate chosen", "rate chosen"]
+    from ui.charts import rate_chart
+
+    learned = api.rate_curves([run("speaker-id", [{"method": "sequence.pool", "params": {"rate": 2.0,
+                                                                                         "learn_rate": True}}],
+                                   rate=4.4)])
+    assert learned[0]["how"] == "learned rate" and learned[0]["rate"] == 4.4
+    assert rate_chart(points + learned).to_dict()["layer"]  # draws: the curve, its points, the learned diamonds
 
 
 def _add_step(at: AppTest, method: str) -> None:

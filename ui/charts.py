@@ -106,4 +106,8 @@ def rate_chart(points: list[dict]) -> alt.Chart:
         tooltip=["task", alt.Tooltip("rate", format=".2f"), alt.Tooltip("score_pct", title="score (%)", format=".2f"),
                  alt.Tooltip("latency_pct", title="latency (% of rate 1)", format=".0f")],
     )
-    return (base.mark_line(point=False) + base.mark_point(filled=True, size=70).encode(href="link")).properties(height=300)
+    # the runs that learned their rate are drawn as large diamonds beside the curve of chosen rates
+    chosen = base.transform_filter(alt.datum.how == "rate chosen")
+    learned = base.transform_filter(alt.datum.how == "learned rate")
+    return (chosen.mark_line() + chosen.mark_point(filled=True, size=70).encode(href="link")
+            + learned.mark_point(filled=True, size=260, shape="diamond").encode(href="link")).properties(height=300)
