@@ -51,10 +51,13 @@ def held_out_score(model, task: str, rate: float, scratch: Path) -> float:
     from services.engine import measure, tasks
     from services.engine.export import export_onnx
     from services.engine.families.speech import SpeechAdapter
+    from services.engine.tasks.base import EvalSet
 
     model.pool.rate = rate
     path = export_onnx(model, SpeechAdapter(), scratch / f"{task}-{rate:.3f}.onnx")
-    evaluation = tasks.eval_set(task, "speech-ssl")
+    scored = tasks.eval_set(task, "speech-ssl")  # with the rate, the scorer counts each utterance's real frames
+    evaluation = EvalSet(inputs=scored.inputs, labels=scored.labels, latency_batch=scored.latency_batch,
+                         extra={**scored.extra, "pooling_rate": rate})
     outputs = measure.run_outputs(measure.fresh_session(path), evaluation)
     return tasks.score(task, "speech-ssl", "logits", evaluation, outputs, outputs)["score"]
 

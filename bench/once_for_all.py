@@ -41,19 +41,22 @@ def _scores(model, rate: float, scratch: Path) -> dict:
     from services.engine import measure, tasks
     from services.engine.export import export_onnx
     from services.engine.families.speech import SpeechAdapter
+    from services.engine.tasks.base import EvalSet
 
     model.pool.rate = rate
     path = export_onnx(model, SpeechAdapter(), scratch / f"rate-{rate:g}.onnx")
     out = {}
     for task in TASKS:
-        evaluation = tasks.eval_set(task, "speech-ssl")
+        scored = tasks.eval_set(task, "speech-ssl")  # with the rate, the scorer counts each utterance's real frames
+        evaluation = EvalSet(inputs=scored.inputs, labels=scored.labels, latency_batch=scored.latency_batch,
+                             extra={**scored.extra, "pooling_rate": rate})
         outputs = measure.run_outputs(measure.fresh_session(path), evaluation)
         out[task] = tasks.score(task, "speech-ssl", "logits", evaluation, outputs, outputs)["score"]
     path.unlink()
     return out
 
 
-def run_seed(seed: int, scale: float, keep: str | None) -> dict:
+def run_seed(seed: int, scale: float, keep: str | None, fixed_rates: tuple = FIXED_RATES) -> dict:
     import torch
 
     from services.engine.speech.corpus import load_corpus
@@ -91,7 +94,7 @@ def run_seed(seed: int, scale: float, keep: str | None) -> dict:
         ofa.pool.rate = 1.0
         torch.save(ofa.state_dict(), keep)
     result["fixed"], result["fixed_s"] = {}, {}
-    for rate in FIXED_RATES:
+    for rate in fixed_rates:
         model, seconds = fine_tuned(rate)
         result["fixed"][str(rate)] = _scores(model, rate, scratch)
         result["fixed_s"][str(rate)] = seconds
@@ -153,7 +156,7 @@ def report(results: list[dict], latency: list[dict], args, total_s: float) -> st
              "## Once-for-all against a model trained only at that rate", "",
              "| rate | frame period | spoken-digits OFA | fixed | OFA − fixed | speaker-id OFA | fixed | OFA − fixed |",
              "|---|---|---|---|---|---|---|---|"]
-    for rate in FIXED_RATES:
+    for rate in args.fixed_rates:
         key = str(rate)
         cells = [f"{rate:g}×", f"{20 * rate:g} ms"]
         for task in TASKS:
@@ -164,7 +167,7 @@ def report(results: list[dict], latency: list[dict], args, total_s: float) -> st
         lines.append("| " + " | ".join(cells) + " |")
     ofa_s = np.mean([r["ofa_s"] for r in results])
     fixed_s = np.mean([sum(r["fixed_s"].values()) for r in results])
-    lines += ["", f"Training cost: one once-for-all fine-tuning {ofa_s:.0f} s serves every rate; the {len(FIXED_RATES)} "
+    lines += ["", f"Training cost: one once-for-all fine-tuning {ofa_s:.0f} s serves every rate; the {len(args.fixed_rates)} "
               f"fixed-rate fine-tunings took {fixed_s:.0f} s together (each serves one rate). Pretraining "
               f"{np.mean([r['pretrain_s'] for r in results]):.0f} s per seed, shared.", "",
               "## Per-task tolerance: one once-for-all model, scored at every rate (no retraining)", "",
@@ -185,7 +188,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--scale", type=float, default=1.0, help="shrinks every step count (0.1 for a quick look)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for the latency table")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ONNX Runtime threads for the latency table (1, as jobs time: with 2 on a shared "
+                             "machine a parallel kernel waits for a core another process holds)")
+    parser.add_argument("--fixed-rates", type=float, nargs="+", default=list(FIXED_RATES),
+                        help="the rates that get a fixed-rate model of their own")
+    parser.add_argument("--name", default="once_for_all", help="output file name under bench/out")
     parser.add_argument("--latency-only", action="store_true",
                         help="only re-time the kept seed-0 model and rewrite the latency table of the last run")
     args = parser.parse_args()
@@ -193,27 +201,28 @@ def main() -> None:
     started = time.perf_counter()
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
-    keep = str(out / "once_for_all_seed0.pt")
+    keep = str(out / f"{args.name}_seed0.pt")
     if args.latency_only:
-        saved = json.loads((out / "once_for_all.json").read_text())
+        saved = json.loads((out / f"{args.name}.json").read_text())
         latency = latency_table(keep, args.threads)
-        text = report(saved["results"], latency, argparse.Namespace(**saved["args"]), saved["total_s"])
-        (out / "once_for_all.md").write_text(text)
-        (out / "once_for_all.json").write_text(json.dumps({**saved, "latency": latency}, indent=1))
+        text = report(saved["results"], latency, argparse.Namespace(**{**saved["args"], "threads": args.threads}),
+                      saved["total_s"])
+        (out / f"{args.name}.md").write_text(text)
+        (out / f"{args.name}.json").write_text(json.dumps({**saved, "latency": latency}, indent=1))
         print(text)
         return
     from services.engine.speech.corpus import load_corpus
 
     load_corpus(lambda f, m: print(f"corpus: {m}", flush=True))  # synthesize (or read) once, before the workers
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = [pool.submit(run_seed, seed, args.scale, keep if index == 0 else None)
+        futures = [pool.submit(run_seed, seed, args.scale, keep if index == 0 else None, tuple(args.fixed_rates))
                    for index, seed in enumerate(args.seeds)]
         results = [f.result() for f in futures]
     latency = latency_table(keep, args.threads)
     total_s = time.perf_counter() - started
     text = report(results, latency, args, total_s)
-    (out / "once_for_all.md").write_text(text)
-    (out / "once_for_all.json").write_text(json.dumps({"results": results, "latency": latency, "total_s": total_s,
+    (out / f"{args.name}.md").write_text(text)
+    (out / f"{args.name}.json").write_text(json.dumps({"results": results, "latency": latency, "total_s": total_s,
                                                        "args": vars(args)}, indent=1))
     print(text)
 

@@ -30,7 +30,7 @@ RECOVERY_PARAMS = (
           "the head first and then layer after layer from the top down (gradual).",
           choices=("all", "frozen", "gradual")),
     Param("rounds", "int", 1, "Iterative pruning: reach the pruning amount in this many rounds, each followed by "
-          "recovery (needs a prune.* step).", minimum=1, maximum=20, step=1),
+          "recovery (needs a prune.magnitude step).", minimum=1, maximum=20, step=1),
     Param("lr", "float", 0.0, "Learning rate (AdamW); 0 picks one for the model kind (CNN 1e-3, text transformer "
           "5e-5, speech encoder 3e-4).", minimum=0.0, maximum=0.1),
     Param("batch_size", "int", 32, "Samples per training step.", minimum=2, maximum=512, step=8),
@@ -275,10 +275,18 @@ def _check_recovery(recovery: dict, objective: str, steps: list[dict], model: di
         raise UserError("Recovery cannot follow vocab.trim: the original model it learns from reads the original "
                         "token ids, which the trimmed vocabulary no longer has. Recover in a recipe without "
                         "vocab.trim, or set the objective to none.", field="recovery.objective")
+    if "share.cluster" in torch_steps:
+        raise UserError("Recovery cannot follow share.cluster yet: its layers look their weights up in a shared "
+                        "table, which this training cannot update. Put share.cluster after a recovered step in "
+                        "another recipe, or set the objective to none.", field="recovery.objective")
     if "sequence.pool" in torch_steps:
         raise UserError("Recovery cannot follow sequence.pool yet: the original it learns from answers frame by frame "
                         "at the full rate, the pooled model at fewer frames. A once-for-all model needs none; set "
                         "the objective to none.", field="recovery.objective")
+    if clean["rounds"] > 1 and "prune.structured" in torch_steps:
+        raise UserError("'rounds' works with prune.magnitude: prune.structured removes whole channels and heads, and "
+                        "a round's small share of a narrow layer rounds to none. Use rounds 1 with prune.structured.",
+                        field="recovery.rounds")
     if clean["rounds"] > 1 and not any(name in ROUND_METHODS for name in torch_steps):
         raise UserError(f"'rounds' spreads a pruning step over several rounds of prune-and-recover, and this recipe "
                         f"has no {' or '.join(ROUND_METHODS)} step; set rounds to 1.", field="recovery.rounds")

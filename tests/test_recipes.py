@@ -224,7 +224,11 @@ HF_WITH_LABELS = {"id": "up-1", "format": "torch", "source": "upload", "task": "
     ({"steps": [{"method": "vocab.trim"}], "recovery": {"objective": "masked"}}, MINILM,
      "recovery.objective", "cannot follow vocab.trim"),
     ({"steps": [{"method": "lowrank.svd"}], "recovery": {"objective": "distill", "rounds": 3}}, TORCH_MODEL,
-     "recovery.rounds", "has no prune.magnitude or prune.structured step"),
+     "recovery.rounds", "has no prune.magnitude step"),
+    ({"steps": [{"method": "prune.structured"}], "recovery": {"objective": "distill", "rounds": 2}}, TORCH_MODEL,
+     "recovery.rounds", "Use rounds 1 with prune.structured"),
+    ({"steps": [{"method": "share.cluster"}], "recovery": {"objective": "distill"}}, TORCH_MODEL,
+     "recovery.objective", "cannot follow share.cluster"),
     ({"steps": [{"method": "prune.magnitude"}], "recovery": {"objective": "distill", "unfreeze": "some"}},
      TORCH_MODEL, "recovery.unfreeze", "Recovery: 'unfreeze' must be one of all, frozen, gradual"),
     ({"steps": [{"method": "prune.magnitude"}], "recovery": {"objective": "distill", "steps": 0}},
@@ -232,7 +236,8 @@ HF_WITH_LABELS = {"id": "up-1", "format": "torch", "source": "upload", "task": "
     ({"steps": [{"method": "prune.magnitude"}], "recovery": {"objective": "distill", "label_budget": 10}},
      TORCH_MODEL, "recovery.label_budget", "not available yet"),
 ], ids=["supervised-without-labels", "nothing-to-recover", "onnx-upload", "after-vocab-trim",
-        "rounds-without-pruning", "bad-unfreeze", "zero-steps", "active-learning-key"])
+        "rounds-without-pruning", "rounds-with-structured", "after-share-cluster", "bad-unfreeze", "zero-steps",
+        "active-learning-key"])
 def test_recovery_that_cannot_work_is_refused_at_submit(recipe, model, field, words):
     error = _error(recipe, model, [model["task"], "fidelity"])
     assert error.field == field and words in str(error), str(error)

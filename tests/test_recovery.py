@@ -117,8 +117,6 @@ def test_rounds_prune_on_a_geometric_schedule():
     step = {"method": "prune.magnitude", "params": {"amount": 0.9}}
     amounts = [objectives.round_params(step, r, 3)["amount"] for r in (1, 2, 3)]
     assert amounts == pytest.approx([1 - 0.1 ** (1 / 3), 1 - 0.1 ** (2 / 3), 0.9])
-    structured = {"method": "prune.structured", "params": {"amount": 0.75}}
-    assert objectives.round_params(structured, 2, 2)["amount"] == pytest.approx(0.5)  # of what is left
     other = {"method": "lowrank.svd", "params": {}}
     assert objectives.round_params(other, 1, 3) == {} and objectives.round_params(other, 2, 3) is None
 
@@ -153,8 +151,14 @@ def test_text_recovery_masks_tokens_and_groups_the_encoder_layers(tmp_path):
     pruned = copy.deepcopy(original)
     REGISTRY["prune.magnitude"].apply(pruned, {"amount": 0.5, "scope": "global", "skip_layers": []}, None)
     groups = recovery.layer_groups(pruned)
-    assert len(groups) == 8  # the embeddings, six encoder layers, what follows them
+    assert len(groups) == 8  # the embeddings, six encoder layers, what follows them (BERT's pooler)
     assert sum(p.numel() for p in groups[0]) > 11_000_000  # the word embedding is in the first group
+    # the pooler feeds nothing the mean-pooled embedding reads: with the adapter to probe, it is no group,
+    # so `frozen` trains the last encoder layer rather than a head that changes nothing
+    reaching = recovery.layer_groups(pruned, adapter)
+    pooler = {id(p) for p in pruned.bert.pooler.parameters()}
+    assert len(reaching) == 7 and not pooler & {id(p) for group in reaching for p in group}
+    assert [id(p) for p in reaching[-1]] == [id(p) for p in pruned.bert.encoder.layer[5].parameters()]
 
     context = _context(tmp_path, model)
     kit = recovery.build_kit("text-transformer", pruned, original, context, batch_size=8, seed=0)

@@ -6,6 +6,7 @@ the tests that need it share that folder and copy it when they write.
 """
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 from types import SimpleNamespace
@@ -393,3 +394,33 @@ def test_sequence_pool_is_refused_where_it_cannot_work():
         validate_recipe({"steps": [{"method": "sequence.pool", "params": {"rate": 9}}]}, MODEL, TASKS)
     with pytest.raises(UserError, match="cannot follow sequence.pool"):
         validate_recipe({"steps": [{"method": "sequence.pool"}], "recovery": {"objective": "distill"}}, MODEL, TASKS)
+
+
+@pytest.mark.parametrize("rate", [1.5, 2.5, 7.25])
+def test_the_scorer_counts_exactly_the_frames_the_model_pools(rate):
+    """Given the rate, every utterance's real output frames are those the model marks real; from the
+    shapes alone (T and T') a fractional rate is ambiguous (7.25 gives as many frames as 7)."""
+    from services.engine.speech.model import TimePooling
+
+    lengths = np.arange(1, MAX_FRAMES + 1)
+    mask = (torch.arange(MAX_FRAMES)[None, :] < torch.from_numpy(lengths)[:, None]).float()
+    _, real = TimePooling(rate)(torch.zeros(len(lengths), MAX_FRAMES, 1), mask)
+    counted = speech_tasks.output_lengths(lengths, MAX_FRAMES, real.shape[1], rate)
+    np.testing.assert_array_equal(counted, real.sum(1).numpy().astype(int))
+
+
+def test_recovery_pairs_a_block_shared_by_several_depths_once():
+    """After share.layers one block runs at two depths: it is matched once, at its last use."""
+    from services.engine import distill, recovery
+    from services.engine.speech.model import SpeechEncoder
+
+    torch.manual_seed(0)
+    teacher = SpeechEncoder(n_speakers=3, d_model=32, layers=4, heads=2, d_ff=64).eval()
+    student = copy.deepcopy(teacher)
+    student.layers = torch.nn.ModuleList([student.layers[0], student.layers[0], student.layers[2], student.layers[3]])
+    pairs = recovery._block_pairs(student, teacher)
+    assert pairs == [("layers.0", "layers.1"), ("layers.2", "layers.2"), ("layers.3", "layers.3")]
+    features, lengths = torch.randn(2, 40, N_MELS), torch.tensor([40, 30])
+    with distill.recording(student, [s for s, _ in pairs]) as states:  # every name is a registered module
+        student(features, lengths)
+    assert set(states) == {s for s, _ in pairs}

@@ -161,8 +161,9 @@ def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progr
     recovery_plan = recipe.get("recovery") or {"objective": "none"}
     recovering = recovery_plan["objective"] != "none"
     rounds = recovery_plan.get("rounds", 1) if recovering else 1
-    # progress units: every torch step and recovery of every round, then the ONNX steps
-    total = rounds * (len(torch_steps) + recovering) + len(onnx_steps)
+    # progress units: the torch steps (pruning ones and the recovery once per round), then the ONNX steps
+    per_round = sum(1 for step in torch_steps if objectives.round_params(step, 2, rounds) is not None) + recovering
+    total = len(torch_steps) + recovering + (rounds - 1) * per_round + len(onnx_steps)
     done = 0
 
     current = baseline_path
@@ -210,6 +211,10 @@ def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progr
     progress(0.65, "timing the original and the compressed model with ONNX Runtime")
     evaluation = tasks.eval_set_for(recipe["task"], model, store.home)
     final_evaluation = context.reencode(evaluation)
+    if "pooling_rate" in context.extra_metrics:  # the scorer counts each utterance's real frames at this rate
+        final_evaluation = EvalSet(inputs=final_evaluation.inputs, labels=final_evaluation.labels,
+                                   latency_batch=final_evaluation.latency_batch,
+                                   extra={**final_evaluation.extra, "pooling_rate": context.extra_metrics["pooling_rate"]})
     shutil.rmtree(scratch, ignore_errors=True)
     base_latency, run_latency = measure.measure_latency([baseline_path, final], [evaluation, final_evaluation])
     progress(0.85, f"scoring on {recipe['task']}")

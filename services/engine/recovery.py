@@ -44,13 +44,40 @@ CONTRASTIVE_WEIGHT = 1.0
 
 # ---- layer groups: what `frozen` and `gradual` unfreeze ----------------------------------------------
 
-def layer_groups(net: nn.Module) -> list[list[nn.Parameter]]:
+def parameters_reaching_output(net: nn.Module, adapter) -> set[int]:
+    """ids of the parameters the outputs depend on (one forward and backward pass on the adapter's
+    example inputs): BERT's pooler, which a sentence encoder's mean pooling never reads, is left out,
+    so `frozen` does not train a head that changes nothing. Every parameter when the pass fails."""
+    every = {id(p) for p in net.parameters()}
+    if adapter is None:
+        return every
+    parameters = list(net.parameters())
+    before = [p.requires_grad for p in parameters]
+    try:
+        with torch.enable_grad():
+            for parameter in parameters:
+                parameter.requires_grad_(True)
+            outputs = net(*adapter.example_inputs())
+            outputs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+            total = sum(o.float().sum() for o in outputs if isinstance(o, torch.Tensor))
+            grads = torch.autograd.grad(total, parameters, allow_unused=True)
+        return {id(p) for p, g in zip(parameters, grads) if g is not None}
+    except Exception:  # noqa: BLE001 - a model we cannot differentiate: count every parameter
+        return every
+    finally:
+        for parameter, flag in zip(parameters, before):
+            parameter.requires_grad_(flag)
+
+
+def layer_groups(net: nn.Module, adapter=None) -> list[list[nn.Parameter]]:
     """The model's parameters in groups from the input to the output. A transformer: what comes
-    before its list of blocks (embeddings), each block, what comes after (pooler, head). Other models:
-    each module that owns parameters, in order. Tied parameters count once, in their first group."""
+    before its list of blocks (embeddings), each block, what comes after (the head). Other models:
+    each module that owns parameters, in order. Tied parameters count once, in their first group;
+    parameters the outputs do not depend on (with an adapter to probe them) are left out."""
     from services.engine.methods.distill_student import find_layer_list
 
-    seen: set[int] = set()
+    reaching = parameters_reaching_output(net, adapter)
+    seen: set[int] = {id(p) for p in net.parameters() if id(p) not in reaching}
 
     def fresh(params) -> list[nn.Parameter]:
         out = [p for p in params if id(p) not in seen]
@@ -125,13 +152,20 @@ def _weighted_layers(net: nn.Module) -> list[str]:
 
 
 def _block_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
-    """Student block j with the teacher block it stands for (evenly spaced when a student has fewer)."""
+    """Student block j with the teacher block it stands for (evenly spaced when a student has fewer).
+    A block the student runs at several depths (share.layers) is registered under its first name
+    only, and its recorded output is that of its last use: it is paired with the teacher's block there."""
     from services.engine.methods.distill_student import find_layer_list, kept_layers
 
     s_name, s_blocks = find_layer_list(student)
     t_name, t_blocks = find_layer_list(teacher)
     indices = kept_layers(len(t_blocks), len(s_blocks)) if len(s_blocks) < len(t_blocks) else range(len(s_blocks))
-    return [(f"{s_name}.{j}", f"{t_name}.{i}") for j, i in enumerate(indices)]
+    last_use = {id(block): j for j, block in enumerate(s_blocks)}
+    first_name = {}
+    for j, block in enumerate(s_blocks):
+        first_name.setdefault(id(block), f"{s_name}.{j}")
+    return [(first_name[id(block)], f"{t_name}.{list(indices)[last_use[id(block)]]}")
+            for j, block in enumerate(s_blocks) if last_use[id(block)] == j]
 
 
 def build_kit(architecture: str, student: nn.Module, teacher: nn.Module, context, batch_size: int,
@@ -180,12 +214,13 @@ def build_kit(architecture: str, student: nn.Module, teacher: nn.Module, context
 
         pairs = _block_pairs(student, teacher)
 
-        def mask_frames(batch):  # zero a quarter of the frames, in runs of 4 (10 ms each)
+        def mask_frames(batch):  # hide a quarter of the frames, in runs of 4 (80 ms each)
             features, lengths = batch.inputs
             runs = (features.shape[1] + 3) // 4
             keep = (torch.rand((len(features), runs), generator=generator) >= MASK_SHARE).to(features.dtype)
             keep = keep.repeat_interleave(4, dim=1)[:, :features.shape[1], None]
-            return features * keep, lengths
+            # a hidden frame is the average frame (0 after the model's normalisation), not a loud outlier
+            return features * keep + student.feature_mean * (1 - keep), lengths
 
         return Kit(with_frame_masks(distill.batches_from_arrays(arrays, batch_size, seed)),
                    speech_output_loss(student, 2.0), pairs, pairs[-1], mask_frames, len(arrays[0]), None)
@@ -219,17 +254,23 @@ def info_nce(anchor: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor | No
     return -(log_probability * positives).sum(1).div(positives.sum(1)).mean()
 
 
+def _projection(width_in: int, width_out: int) -> nn.Linear:
+    """A training-only linear map between representation widths, the identity when they agree."""
+    layer = nn.Linear(width_in, width_out)
+    if width_in == width_out:
+        with torch.no_grad():
+            layer.weight.copy_(torch.eye(width_in))
+            layer.bias.zero_()
+    return layer
+
+
 class ContrastiveTerm(nn.Module):
     """CAP's contrast: the student's representation (through a training-only linear head to the
     original's width) against the original's and each snapshot's representations of the batch."""
 
     def __init__(self, student_width: int, teacher_width: int, snapshots: list[nn.Module], pair: tuple[str, str]):
         super().__init__()
-        self.head = nn.Linear(student_width, teacher_width)
-        if student_width == teacher_width:
-            with torch.no_grad():
-                self.head.weight.copy_(torch.eye(student_width))
-                self.head.bias.zero_()
+        self.head = _projection(student_width, teacher_width)
         self.snapshots = snapshots
         self.pair = pair
 
@@ -282,13 +323,13 @@ def recover(student: nn.Module, teacher: nn.Module, recovery: dict, context, *, 
         term = ContrastiveTerm(pooled(s[kit.representation[0]], probe.mask).shape[-1],
                                pooled(t[kit.representation[1]], probe.mask).shape[-1], list(snapshots),
                                kit.representation)
-        extra, extra_modules = (lambda state: CONTRASTIVE_WEIGHT * term(state)), [term.head]
+        extra, extra_modules = (lambda state: CONTRASTIVE_WEIGHT * term(state)), [term]
         if kit.labels is not None:
             output_loss = cross_entropy
     else:
         raise context.user_error(f"Unknown recovery objective {objective!r}.")
 
-    groups = layer_groups(student)
+    groups = layer_groups(student, context.adapter)
     before_step = unfreeze_schedule(groups, recovery["unfreeze"], steps)
     outcome = distill.train(
         student, teacher, kit.batches, output_loss, steps=steps, lr=lr, progress=context.progress,

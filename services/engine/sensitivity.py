@@ -36,6 +36,13 @@ def output_error(outputs: np.ndarray, reference: np.ndarray) -> float:
     return float(difference / (np.linalg.norm(reference.astype(np.float64)) + 1e-12))
 
 
+def _of_operators(onnx_path, names: list[str], operators: list[str]) -> list[str]:
+    """The named nodes whose kind is among `operators` (a Gemm counts as MatMul, as the quantizers see it)."""
+    kinds = {node.name: node.op_type for node in measure.load_model(onnx_path).graph.node}
+    wanted = set(operators) | ({"Gemm"} if "MatMul" in operators else set())
+    return [name for name in names if kinds.get(name) in wanted]
+
+
 def scan(store: ArtifactStore, model: dict, spec: dict, job_id: str, progress) -> dict:
     """spec: {"method", "params" (validated), "task"}. Returns {"scan": {"layers": [...], "summary": {...}}}."""
     started = time.perf_counter()
@@ -54,6 +61,8 @@ def scan(store: ArtifactStore, model: dict, spec: dict, job_id: str, progress) -
                                    architecture=architecture_of(model))
     net = pipeline._load_torch_model(store, model["id"], adapter) if method.stage == "torch" else None
     names = method.layer_names(net if net is not None else baseline)
+    if net is None and spec["params"].get("operators"):  # only the kinds of node this setting quantizes
+        names = _of_operators(baseline, names, spec["params"]["operators"])
     if not names:
         raise UserError(f"{method.name} finds no layer it can compress in {model['id']}: nothing to scan.")
     layers = []

@@ -256,6 +256,8 @@ def _distill_speech(net, params, context) -> None:
     if hasattr(net, "pool_after"):  # pool after the same depth of the original, counted in kept layers
         net.pool_after = max(1, sum(1 for i in indices if i < teacher.pool_after))
     pairs = [(f"{layer_list}.{j}", f"{layer_list}.{i}") for j, i in enumerate(indices)]
+    if hasattr(net, "trained_rates"):  # the student learns at the current rate only, not once-for-all
+        net.trained_rates.fill_(float(getattr(net.pool, "rate", 1.0)))
     arrays = [fit.inputs[name] for name in context.adapter.input_names]
     batches = with_frame_masks(distill.batches_from_arrays(arrays, params["batch_size"], params["seed"]))
     outcome = distill.train(net, teacher, batches, speech_output_loss(net, params["temperature"]),

@@ -80,10 +80,15 @@ def apply(onnx_in, onnx_out, params: dict, context) -> None:
     if kept:
         floats = [name for name in kept if name not in four_bit]
         listed = lambda names: f"{', '.join(names[:8])}{' …' if len(names) > 8 else ''}"  # noqa: E731
-        if four_bit:
-            context.notes.append(f"quantize.dynamic kept {len(four_bit)} linear layer(s) out of int8 and stored their "
+        written = sum(node.op_type == "MatMulNBits" for node in onnx.load(str(onnx_out), load_external_data=False)
+                      .graph.node) if four_bit else 0
+        if written:
+            context.notes.append(f"quantize.dynamic kept {written} linear layer(s) out of int8 and stored their "
                                  f"weights in 4 bits (blocks of {KEPT_BLOCK_SIZE}, float arithmetic): "
                                  f"{listed(four_bit)}.")
+        if four_bit and written < len(four_bit):
+            context.notes.append(f"{len(four_bit) - written} of the layers to store in 4 bits had no constant weight "
+                                 "the 4-bit quantizer takes (or a scaled, transposed Gemm) and stayed float.")
         if floats:
             context.notes.append(f"quantize.dynamic kept {len(floats)} node(s) in float: {listed(floats)}.")
     quantized = onnx.load(str(onnx_out), load_external_data=False).graph

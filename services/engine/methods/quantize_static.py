@@ -99,6 +99,8 @@ def layer_names(onnx_path) -> list[str]:
 
 
 def apply(onnx_in, onnx_out, params: dict, context) -> None:
+    from pathlib import Path
+
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -129,7 +131,8 @@ def apply(onnx_in, onnx_out, params: dict, context) -> None:
     # The ranges are computed here and handed to quantize_static as its calibration cache, because
     # quantize_static does not pass the histogram size through to the Entropy calibrator.
     # A scan quantizes one layer at a time with the same setting: it calibrates once and reuses the ranges.
-    cache = context.scratch / f"static_calibration_{method}_{params['percentile']:g}_{reader.digest}.json"
+    graph_name = Path(source).stem  # the pre-processed graph or, when that failed, the original: other tensors
+    cache = context.scratch / f"static_calibration_{graph_name}_{method}_{params['percentile']:g}_{reader.digest}.json"
     if not cache.is_file():
         _calibrate(source, operators, method, calibrator_options, reader, cache, context)
 

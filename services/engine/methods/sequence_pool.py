@@ -30,7 +30,9 @@ def apply(net, params: dict, context) -> None:
     where = f"after encoder layer {net.pool_after} of {len(net.layers)}"
     note = (f"sequence.pool: frames averaged {rate:.3g} to 1 {where}: a frame every {FRAME_MS * rate:.0f} ms instead "
             f"of {FRAME_MS} ms, so the later layers and the heads see {1 / rate:.0%} of the frames.")
-    if low <= rate <= high and high > 1:
+    if rate == 1:
+        note += " At rate 1 nothing is pooled: the model is the original."
+    elif low <= rate <= high and high > 1:
         note += f" The model was trained once-for-all for rates {low:g}-{high:g}: no retraining was needed."
     else:
         note += (f" The model was fine-tuned for rates {low:g}-{high:g} only: expect a large drop at this rate "

@@ -297,8 +297,11 @@ def learn_rate(model: SpeechEncoder, features: np.ndarray, lengths: np.ndarray, 
     frozen = [p for p in model.parameters() if p.requires_grad]
     for parameter in frozen:
         parameter.requires_grad_(False)
-    share = (start - 1.0) / (max_rate - 1.0)
+    if max_rate <= 1.0:
+        raise ValueError("learning a rate needs a range of rates above 1")
+    share = min(max((start - 1.0) / (max_rate - 1.0), 0.05), 0.95)  # start inside the range, never on its edge
     theta = torch.tensor(math.log(share / (1 - share)), requires_grad=True)
+    rate_before = model.pool.rate
     optimizer = torch.optim.Adam([theta], lr=lr)
     labels = list(labels) if task == "spoken-digits" else np.asarray(labels)
     trajectory = []
@@ -321,6 +324,7 @@ def learn_rate(model: SpeechEncoder, features: np.ndarray, lengths: np.ndarray, 
     finally:
         for parameter in frozen:
             parameter.requires_grad_(True)
+        model.pool.rate = rate_before  # never left holding a tensor, even when a step failed
     learned = float(np.mean(trajectory[-max(1, steps // 10):]))  # the last tenth: one step is noisy
     model.pool.rate = learned
     return LearnedRate(rate=learned, steps=steps, seconds=time.perf_counter() - started, trajectory=trajectory)

@@ -68,21 +68,23 @@ def edit_distance(a: str, b: str) -> int:
     return previous[-1]
 
 
-def output_lengths(lengths: np.ndarray, frames_in: int, frames_out: int) -> np.ndarray:
-    """Real output frames per utterance when the model pools time by some rate r (T' = ceil(T / r))."""
+def output_lengths(lengths: np.ndarray, frames_in: int, frames_out: int, rate: float | None = None) -> np.ndarray:
+    """Real output frames per utterance when the model pools time at `rate` (T' = ceil(T / r)): ceil(L / r).
+    Without the rate (a model of unknown provenance), the whole rate that gives T' frames; failing that,
+    ceil(L T' / T), which may count one padding frame more."""
     lengths = np.asarray(lengths)
+    if rate is not None:  # the same arithmetic as the model's own (speech/model.pooled_lengths)
+        return np.minimum(np.ceil(lengths.astype(np.float64) / float(rate)).astype(np.int64), frames_out)
     whole = next((r for r in range(1, frames_in + 1) if -(-frames_in // r) == frames_out), None)
     if whole is not None:
         return -(-lengths // whole)
-    # A fractional rate is known only as about T / T' from the shapes: ceil(length * T' / T) is
-    # ceil(length / r) or one frame more, never past the output.
     return np.minimum(np.ceil(lengths * frames_out / frames_in - 1e-9).astype(np.int64), frames_out)
 
 
 def digit_error_rate(log_probs: np.ndarray, lengths: np.ndarray, references: list[str],
-                     frames_in: int = MAX_FRAMES) -> tuple[float, list[str]]:
+                     frames_in: int = MAX_FRAMES, rate: float | None = None) -> tuple[float, list[str]]:
     """Edit distance of the greedy transcripts over the reference digits, summed over the set."""
-    out_lengths = output_lengths(lengths, frames_in, log_probs.shape[1])
+    out_lengths = output_lengths(lengths, frames_in, log_probs.shape[1], rate)
     hypotheses = [greedy_decode(lp, n) for lp, n in zip(log_probs, out_lengths)]
     errors = sum(edit_distance(h, r) for h, r in zip(hypotheses, references))
     return errors / sum(len(r) for r in references), hypotheses
@@ -93,7 +95,8 @@ def score(task: str, evaluation: EvalSet, outputs: np.ndarray) -> dict:
         if outputs.ndim != 3:
             raise ValueError(f"spoken-digits scores the per-frame output '{DIGIT_OUTPUT}' (batch, frames, 11); "
                              f"got shape {outputs.shape}")
-        rate, hypotheses = digit_error_rate(outputs, evaluation.inputs["lengths"], evaluation.labels)
+        rate, hypotheses = digit_error_rate(outputs, evaluation.inputs["lengths"], evaluation.labels,
+                                            rate=evaluation.extra.get("pooling_rate"))
         exact = float(np.mean([h == r for h, r in zip(hypotheses, evaluation.labels)]))
         return {"score": max(0.0, 1.0 - rate), "score_name": SCORE_NAMES[task], "digit_error_rate": rate,
                 "string_accuracy": exact}
@@ -119,8 +122,9 @@ def fidelity(task: str, evaluation: EvalSet, outputs: np.ndarray, reference: np.
     if outputs.ndim == 2:  # speaker logits
         same = outputs.argmax(axis=-1) == reference.argmax(axis=-1)
         return {"fidelity": float(same.mean()), "fidelity_worst": float(same.min(initial=True))}
+    pooling_rate = (getattr(evaluation, "extra", None) or {}).get("pooling_rate")
     if outputs.shape[1] != reference.shape[1]:
-        return _transcript_fidelity(evaluation.inputs["lengths"], outputs, reference)
+        return _transcript_fidelity(evaluation.inputs["lengths"], outputs, reference, pooling_rate)
     lengths = output_lengths(evaluation.inputs["lengths"], MAX_FRAMES, outputs.shape[1])
     same = outputs.argmax(axis=-1) == reference.argmax(axis=-1)
     real = np.arange(outputs.shape[1])[None, :] < lengths[:, None]
@@ -130,11 +134,12 @@ def fidelity(task: str, evaluation: EvalSet, outputs: np.ndarray, reference: np.
             "transcript_agreement": float(np.mean(transcripts))}
 
 
-def _transcript_fidelity(lengths: np.ndarray, outputs: np.ndarray, reference: np.ndarray) -> dict:
+def _transcript_fidelity(lengths: np.ndarray, outputs: np.ndarray, reference: np.ndarray,
+                         rate: float | None = None) -> dict:
     """A model that pools time (sequence.pool) has fewer output frames than the original: frames no
     longer line up, so agreement is measured on what each says, its greedy transcript: per utterance
     1 - edit distance / the original's transcript length (floored at 0)."""
-    ours = output_lengths(lengths, MAX_FRAMES, outputs.shape[1])
+    ours = output_lengths(lengths, MAX_FRAMES, outputs.shape[1], rate)
     theirs = output_lengths(lengths, MAX_FRAMES, reference.shape[1])
     said = [greedy_decode(o, n) for o, n in zip(outputs, ours)]
     original = [greedy_decode(r, n) for r, n in zip(reference, theirs)]
