@@ -218,6 +218,9 @@ def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
                 raise UserError(f"Step {index + 1} ({name}) has no parameter {key!r}; its parameters are {known}.",
                                 field=f"steps.{index}.{key}")
         clean = {p.name: _check_param(name, index, p, params.get(p.name, p.default)) for p in method.params}
+        problem = method.check(clean, task) if method.check else ""
+        if problem:
+            raise UserError(f"Step {index + 1} ({name}): {problem}", field=f"steps.{index}.method")
         clean_steps.append({"method": name, "params": clean})
     recovery = recipe.get("recovery") or {"objective": "none"}
     if not isinstance(recovery, dict):

@@ -392,6 +392,9 @@ def test_sequence_pool_is_refused_where_it_cannot_work():
                                                                    "task": "digits"}, ["digits"])
     with pytest.raises(UserError, match="'rate' must be between 1 and 8"):
         validate_recipe({"steps": [{"method": "sequence.pool", "params": {"rate": 9}}]}, MODEL, TASKS)
+    with pytest.raises(UserError, match=r"Step 1 \(sequence.pool\): learning the rate .* not fidelity"):
+        validate_recipe({"task": "fidelity", "steps": [{"method": "sequence.pool", "params": {"learn_rate": True}}]},
+                        MODEL, TASKS)
     with pytest.raises(UserError, match="cannot follow sequence.pool"):
         validate_recipe({"steps": [{"method": "sequence.pool"}], "recovery": {"objective": "distill"}}, MODEL, TASKS)
 

@@ -54,6 +54,9 @@ class Method:
     # (layers left alone; `skip_sensitive: N` adds the N most sensitive of the latest scan).
     layer_names: Callable | None = field(default=None, compare=False, repr=False)
     skip_param: str = ""
+    # `check(params, task)`: '' when these settings can run for this task, else why not (one sentence),
+    # so that what only the method knows is still refused at submit, not in the worker. No torch.
+    check: Callable | None = field(default=None, compare=False, repr=False)
 
     def schema(self) -> dict:
         return {

@@ -47,7 +47,7 @@ def _learned_rate(net, params: dict, context, high: float) -> float:
     if high <= 1:
         raise context.user_error("Learning the rate needs a model trained once-for-all (it judges every rate "
                                  "without retraining); this one was fine-tuned at rate 1 only.")
-    if context.task not in ("spoken-digits", "speaker-id"):
+    if context.task not in LABELLED_TASKS:  # refused at submit too (check): kept for direct callers
         raise context.user_error("Learning the rate needs the task's labels: score the run on spoken-digits or "
                                  "speaker-id, whose training loss it weighs against the compute saved.")
     fit = context.fit_set()
@@ -59,6 +59,16 @@ def _learned_rate(net, params: dict, context, high: float) -> float:
         f"steps ({learned.seconds:.0f} s, weights frozen) at a compute penalty of {params['rate_penalty']:g}; the "
         f"encoder then does {compute_share(net, learned.rate):.0%} of its frame work.")
     return learned.rate
+
+
+LABELLED_TASKS = ("spoken-digits", "speaker-id")
+
+
+def check(params: dict, task: str) -> str:
+    if params["learn_rate"] and task not in LABELLED_TASKS:
+        return ("learning the rate weighs the task's training loss against the compute saved, so score the run on "
+                f"{' or '.join(LABELLED_TASKS)}, not {task}.")
+    return ""
 
 
 METHOD = Method(
@@ -87,4 +97,5 @@ METHOD = Method(
     effect_note=("Parameters and file size do not change: the gain is time, which grows with the audio's length "
                  "(per-call overhead hides it on short clips at batch 1)."),
     apply=apply,
+    check=check,
 )
