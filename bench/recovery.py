@@ -12,6 +12,7 @@ back, measured with real compress jobs in ONE run.
 
     .venv/bin/python bench/recovery.py [--only digits|minilm|structured|large] [--threads 2]
         [--digits-steps 300] [--minilm-steps 100] [--minilm-round-steps 34] [--structured-steps 300[,600]]
+        [--probe-lr 5e-4 (0: no extra learning-rate rows)] [--write]
 
 Prints the tables and writes them to bench/out/recovery.md (with --only, only with --write). Everything
 happens in a temporary EXPLORER_HOME that is removed at the end.
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 PARTS = ("digits", "minilm", "structured", "large")
 SPARSE = {"method": "prune.magnitude", "params": {"amount": 0.9, "scope": "global"}}
 X1_PARAMS = 21_546  # digits-cnn (checked again after preparing)
-# CAP (Xu et al. 2021, Table 1): BERT-base on QQP keeps 99.2% of its score at 97% sparsity.
+# CAP (Xu et al., "From Dense to Sparse: Contrastive Pruning"): BERT-base on QQP keeps 99.2% of its score at 97% sparsity.
 CAP_RETAINED = 99.2
 
 
