@@ -332,6 +332,6 @@ def method_applicability(model: dict) -> list[dict]:
     architecture = architecture_of(model)
     out = []
     for name, method in REGISTRY.items():
-        reason = method.why_not(model["format"], architecture)
+        reason = method.why_not(model["format"], architecture, model.get("id", ""))
         out.append({"name": name, "title": method.title, "applies": not reason, "reason": reason})
     return out

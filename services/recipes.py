@@ -190,7 +190,7 @@ def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
         if method is None:
             raise UserError(f"Unknown method {name!r} in step {index + 1}; known methods: "
                             f"{', '.join(sorted(REGISTRY))}.", field=f"steps.{index}.method")
-        why_not = method.why_not(model["format"], architecture_of(model))
+        why_not = method.why_not(model["format"], architecture_of(model), model["id"])
         if why_not:
             raise UserError(f"{name} does not apply to {model['id']}: it {why_not}", field=f"steps.{index}.method")
         if method.stage == "onnx" and first_onnx_step is None:

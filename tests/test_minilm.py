@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.engine import measure, pipeline, tasks
+from services.engine import export, measure, pipeline, tasks
 from services.engine.families import minilm
 from services.engine.tasks import pydoc_retrieval
 from services.recipes import validate_recipe
@@ -81,3 +81,42 @@ def test_fidelity_task_scores_cosine_against_the_original(prepared):
     noisy = outputs + np.random.default_rng(0).normal(0, 0.02, outputs.shape).astype(np.float32)
     scored = tasks.score("fidelity", "minilm-l6", "embedding", evaluation, noisy, outputs)
     assert scored["score_name"] == "fidelity" and 0.8 < scored["score"] < 1.0
+
+
+def test_sequence_pool_merges_tokens_at_any_rate_and_the_export_runs_on_fewer(prepared, tmp_path):
+    """Token merging needs no training: each rate is one short job; the later layers see fewer tokens,
+    the embedding stays close, and ONNX Runtime runs the merged graph faster side by side."""
+    store, model = prepared
+    recipe = validate_recipe({"task": "fidelity", "steps": [{"method": "sequence.pool", "params": {"rate": 2.5}}]},
+                             model, ["pydoc-retrieval", "fidelity"])
+    run = pipeline.compress(store, model, recipe, "minilm-merge", lambda fraction, message: None)["run"]
+    metrics = run["metrics"]
+    assert metrics["pooling_rate"] == 2.5 and metrics["params"] == run["baseline"]["params"]
+    assert metrics["fidelity"] > 0.95  # measured: 0.990 at rate 2, 0.944 at rate 4
+    assert "64, 54, 45, 37, 31, 26 of the 64 token positions" in metrics["notes"][0]
+
+    net = pipeline._load_torch_model(store, "minilm-l6")
+    seen = []
+    net.bert.encoder.layer[-1].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    feed = minilm.encode(["a sentence long enough to have something to merge " * 8])
+    inputs = tuple(__import__("torch").from_numpy(feed[name]) for name in minilm.MiniLMAdapter.input_names)
+    paths, last_layer_tokens = [], []
+    for rate in (1.0, 4.0):
+        net.merge_rate = rate
+        seen.clear()
+        net(*inputs)
+        last_layer_tokens.append(seen[0])
+        paths.append(export.export_onnx(net, minilm.MiniLMAdapter(), tmp_path / f"rate-{rate}.onnx"))
+    assert last_layer_tokens == [64, 16]
+    evaluation = tasks.eval_set("fidelity", "minilm-l6")
+    full, merged = measure.measure_latency(paths, evaluation, seconds=2.0)
+    assert merged["batch_latency_ms"]["p50"] < 0.85 * full["batch_latency_ms"]["p50"]  # measured: 0.62
+
+
+def test_sequence_pool_on_text_refuses_to_learn_the_rate(prepared):
+    from services.errors import UserError
+
+    with pytest.raises(UserError, match="learning the rate is built for the speech encoder"):
+        validate_recipe({"task": "pydoc-retrieval", "steps": [{"method": "sequence.pool",
+                                                               "params": {"learn_rate": True}}]},
+                        prepared[1], ["pydoc-retrieval", "fidelity"])

@@ -14,6 +14,9 @@ def export_onnx(model: torch.nn.Module, adapter: ModelAdapter, path: Path,
     """`example_inputs` replace the adapter's own tracing inputs (a trimmed vocabulary's token ids)."""
     model.eval()
     warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
+    # Shapes read as Python numbers become constants of the graph; the models that do so (token
+    # merging) are fed a fixed length by their tokenizer.
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     # dynamo=False: the TorchScript exporter handles these models in a fraction of a second,
     # while torch 2.13's dynamo exporter needs onnxscript and failed on a dynamic batch here.
     with torch.no_grad():

@@ -44,6 +44,9 @@ class Method:
     params: tuple = ()
     # Architectures it works on (see services/catalog.ARCHITECTURES); empty = any of its formats.
     architectures: tuple = ()
+    # Built-in models it works on, where it needs what only they have (a pooling stage, a merging
+    # encoder); empty = any model of its formats and architectures.
+    models: tuple = ()
     # Writes integer weights: nothing that needs float weights (pruning, a second quantizer) may follow.
     quantizes: bool = False
     effect_note: str = ""  # shown beside results: what to expect from this method's numbers
@@ -80,7 +83,7 @@ class Method:
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
-    def why_not(self, model_format: str, architecture: str) -> str:
+    def why_not(self, model_format: str, architecture: str, model_id: str = "") -> str:
         """'' when this method applies to such a model, else the reason in one sentence."""
         from services.catalog import ARCHITECTURES
 
@@ -92,4 +95,6 @@ class Method:
         if self.architectures and architecture not in self.architectures:
             wanted = " or ".join(ARCHITECTURES[a] for a in self.architectures)
             return f"works on {wanted}; this model is {ARCHITECTURES.get(architecture, architecture)}."
+        if self.models and model_id not in self.models:
+            return f"works on the built-in {' and '.join(self.models)} only, whose encoders it changes from inside."
         return ""

@@ -46,17 +46,29 @@ def encode(texts: list[str], tokenizer_file: Path | str | None = None) -> dict[s
 
 
 class SentenceEncoder(nn.Module):
-    """BERT + mean pooling over the attention mask + L2 normalisation (sentence-transformers' head)."""
+    """BERT + mean pooling over the attention mask + L2 normalisation (sentence-transformers' head).
+
+    `merge_rate` above 1 merges similar tokens inside the encoder (sequence.pool, token_merge.py):
+    the pooling is then weighted by how many original tokens each merged token stands for."""
 
     def __init__(self, bert: nn.Module):
         super().__init__()
         self.bert = bert
+        self.merge_rate = 1.0
+        self.merge_after = 1
 
     def forward(self, input_ids, attention_mask, token_type_ids):
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                           token_type_ids=token_type_ids).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        if getattr(self, "merge_rate", 1.0) > 1.0:
+            from services.engine.families.token_merge import forward_bert
+
+            hidden, weight = forward_bert(self.bert, input_ids, attention_mask, token_type_ids,
+                                          self.merge_rate, self.merge_after)
+        else:
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                               token_type_ids=token_type_ids).last_hidden_state
+            weight = attention_mask.to(hidden.dtype)
+        weight = weight.unsqueeze(-1)
+        pooled = (hidden * weight).sum(1) / weight.sum(1).clamp(min=1e-9)
         return nn.functional.normalize(pooled, p=2, dim=1)
 
 

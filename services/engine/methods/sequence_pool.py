@@ -7,7 +7,9 @@ ones included (a 20 ms frame period becomes 20 × rate ms). speech-ssl is fine-t
 (services/engine/speech/train.py: a new rate every step, rate 1 in a fifth of them), so this step
 only sets the rate: no training, results in seconds, one model for every rate. A model fine-tuned at
 rate 1 only (`trained_rates` [1, 1]) is pooled all the same, with a note that it was not trained for
-it. Token merging for text transformers is not built yet.
+it. For the built-in text encoder (minilm-l6) it merges similar tokens instead (Token Merging,
+services/engine/families/token_merge.py), which needs no training either: every rate is a job of
+seconds.
 """
 from services.engine.registry import Method, Param
 
@@ -17,10 +19,13 @@ FRAME_MS = 20  # speech-ssl's log-mel hop
 def apply(net, params: dict, context) -> None:
     from services.engine.speech.model import TimePooling
 
+    if hasattr(net, "merge_rate"):
+        _merge_tokens(net, params, context)
+        return
     pool = getattr(net, "pool", None)
     if not isinstance(pool, TimePooling):
-        raise context.user_error("sequence.pool needs an encoder with a pooling stage between its layers (the "
-                                 "speech encoder has one); this model has none.")
+        raise context.user_error("sequence.pool needs the built-in speech encoder (which pools frames) or the "
+                                 "built-in sentence encoder (which merges tokens); this model is neither.")
     low, high = (float(v) for v in net.trained_rates.tolist())
     rate = float(params["rate"])
     if params["learn_rate"]:
@@ -38,6 +43,30 @@ def apply(net, params: dict, context) -> None:
         note += (f" The model was fine-tuned for rates {low:g}-{high:g} only: expect a large drop at this rate "
                  "(retrain it once-for-all).")
     context.notes.append(note)
+
+
+def _merge_tokens(net, params: dict, context) -> None:
+    from services.engine.families.token_merge import schedule, work_share
+
+    if params["learn_rate"]:  # refused at submit too (check): kept for direct callers
+        raise context.user_error("Learning the rate is built for the speech encoder; for a text model, score a few "
+                                 "rates (the Score every rate button) and pick from the curve.")
+    layers = len(net.bert.encoder.layer)
+    merge_after = min(int(params["merge_after"]), layers - 1)
+    rate = float(params["rate"])
+    net.merge_rate, net.merge_after = rate, merge_after
+    context.extra_metrics["pooling_rate"] = rate
+    if rate == 1:
+        context.notes.append("sequence.pool at rate 1: no token is merged, the model is the original.")
+        return
+    from services.engine.families.minilm import MAX_TOKENS
+
+    tokens = schedule(MAX_TOKENS, layers, rate, merge_after)
+    context.notes.append(
+        f"sequence.pool merged similar tokens (Token Merging, no training): the {layers} encoder layers run on "
+        f"{', '.join(map(str, tokens))} of the {MAX_TOKENS} token positions, {work_share(MAX_TOKENS, layers, rate, merge_after):.0%} "
+        "of the original's token-layers. Padding merges first and costs nothing, so short texts lose less than "
+        "long ones.")
 
 
 def _learned_rate(net, params: dict, context, high: float) -> float:
@@ -62,9 +91,13 @@ def _learned_rate(net, params: dict, context, high: float) -> float:
 
 
 LABELLED_TASKS = ("spoken-digits", "speaker-id")
+TEXT_TASKS = ("pydoc-retrieval",)
 
 
 def check(params: dict, task: str) -> str:
+    if params["learn_rate"] and task in TEXT_TASKS:
+        return ("learning the rate is built for the speech encoder; for a text model, score a few rates (the Score "
+                "every rate button) and pick from the curve.")
     if params["learn_rate"] and task not in LABELLED_TASKS:
         return ("learning the rate weighs the task's training loss against the compute saved, so score the run on "
                 f"{' or '.join(LABELLED_TASKS)}, not {task}.")
@@ -75,17 +108,22 @@ METHOD = Method(
     name="sequence.pool",
     title="Shorter sequences (once-for-all pooling)",
     explanation=(
-        "Averages neighbouring audio frames inside the encoder so that most layers work on a sequence `rate` times "
-        "shorter: faster, most of all on long audio, with no retraining for a model trained once-for-all; tasks "
-        "that read every frame (digit strings) tolerate less shortening than tasks about the whole clip (who "
-        "speaks)."
+        "Shortens the sequence inside the encoder so that most layers work on one `rate` times shorter: audio "
+        "frames are averaged (no retraining for a model trained once-for-all), similar text tokens are merged "
+        "(no training at all). Faster, most of all on long inputs; tasks that read every frame (digit strings) "
+        "tolerate less shortening than tasks about the whole clip (who speaks)."
     ),
     stage="torch",
     applies_to=("torch",),
-    architectures=("speech-transformer",),
+    architectures=("speech-transformer", "text-transformer"),
+    models=("speech-ssl", "minilm-l6"),
     params=(
-        Param("rate", "float", 2.0, "How many frames become one (1 = unchanged, 2 = a frame every 40 ms, 8 = every "
-              "160 ms); any value in between works.", minimum=1.0, maximum=8.0, step=0.25),
+        Param("rate", "float", 2.0, "How many frames (audio) or tokens (text, by the last layer) become one: 1 = "
+              "unchanged, 2 = a frame every 40 ms or half the tokens, 8 = every 160 ms or an eighth; any value in "
+              "between works.", minimum=1.0, maximum=8.0, step=0.25),
+        Param("merge_after", "int", 1, "Text models: how many encoder layers run on every token before merging "
+              "starts (later merging keeps more, saves less). The speech encoder pools where it was trained, after "
+              "layer 1.", minimum=0, maximum=11, step=1),
         Param("learn_rate", "bool", False, "Let a short training pick the rate for the task the run is scored on, "
               "instead of trying rates one by one: it weighs the task's loss against the compute saved "
               "(the rate above is then ignored)."),
@@ -94,8 +132,8 @@ METHOD = Method(
         Param("learn_steps", "int", 100, "When learning the rate: training steps (weights frozen, only the rate "
               "moves).", minimum=10, maximum=2000, step=10),
     ),
-    effect_note=("Parameters and file size do not change: the gain is time, which grows with the audio's length "
-                 "(per-call overhead hides it on short clips at batch 1)."),
+    effect_note=("Parameters and file size do not change: the gain is time, which grows with the input's length "
+                 "(per-call overhead hides it on short inputs at batch 1)."),
     apply=apply,
     check=check,
 )
