@@ -251,6 +251,26 @@ def test_vocab_trim_rebuilds_the_tokenizer_with_working_special_tokens(prepared,
     assert tokenizer.encode(text).tokens == minilm.tokenizer().encode(text).tokens
 
 
+def test_vocab_trim_can_keep_everyday_words_the_counted_texts_missed(prepared, net, tmp_path):
+    """keep_frequent keeps the vocabulary's first words (BERT lists them by frequency); extra_text
+    counts the standard library's docstrings too: 'ideas' and 'potential', missing from the fitting
+    paragraphs, are then read as themselves."""
+    from services.engine.methods.vocab_trim import kept_tokens
+
+    spec = json.loads((minilm.package_dir() / "tokenizer.json").read_text())
+    texts = pydoc_retrieval.fit_paragraphs()
+    plain, _ = kept_tokens(spec, texts, 1, keep_pieces=False)
+    frequent, _ = kept_tokens(spec, texts, 1, keep_pieces=False, keep_frequent=5000)
+    assert "ideas" not in plain and {"ideas", "potential", "opened"} <= set(frequent)
+    assert set(plain) < set(frequent) and len(frequent) < len(plain) + 5000
+    assert not any(t.startswith("[unused") for t in frequent)
+
+    context = _context(prepared, tmp_path)
+    REGISTRY["vocab.trim"].apply(net, _params("vocab.trim", extra_text=True), context)
+    assert net.bert.embeddings.word_embeddings.num_embeddings > len(plain) + 1000
+    assert "docstring paragraphs of Python's standard library" in context.notes[0]
+
+
 def test_vocab_trim_refuses_bad_params_a_second_trim_and_models_without_a_tokenizer(prepared, net, tmp_path):
     with pytest.raises(UserError, match="'min_count' must be between 1 and 1000"):
         _params("vocab.trim", min_count=0)

@@ -42,7 +42,8 @@ def _remap_post_processor(processor: dict, new_id: dict) -> None:
         _remap_post_processor(inner, new_id)
 
 
-def kept_tokens(spec: dict, texts: list[str], min_count: int, keep_pieces: bool) -> tuple[list[str], int]:
+def kept_tokens(spec: dict, texts: list[str], min_count: int, keep_pieces: bool,
+                keep_frequent: int = 0) -> tuple[list[str], int]:
     """The tokens to keep, in their original id order, and how many of them were counted in `texts`."""
     import json
     from collections import Counter
@@ -63,6 +64,13 @@ def kept_tokens(spec: dict, texts: list[str], min_count: int, keep_pieces: bool)
         # Single characters and their continuations: any word made of known characters can still be
         # spelled out in pieces, instead of becoming [UNK] as a whole.
         keep |= {t for t in vocab if len(t) == 1 or (t.startswith(prefix) and len(t) == len(prefix) + 1)}
+    if keep_frequent:
+        # BERT's WordPiece vocabulary lists its words roughly from the most to the least frequent in
+        # its pre-training text (after the specials, unused slots and single characters): its first
+        # words are the everyday ones that a few thousand counted paragraphs may still miss.
+        words = [t for t in sorted(vocab, key=vocab.__getitem__)
+                 if not (t.startswith("[") and t.endswith("]")) and len(t.removeprefix(prefix)) > 1]
+        keep |= set(words[:keep_frequent])
     return sorted(keep, key=vocab.__getitem__), len(used)
 
 
@@ -118,9 +126,18 @@ def apply(net, params: dict, context) -> None:
     if not texts:
         raise context.user_error("vocab.trim counts tokens in the task's texts, and this task has none.")
 
+    texts = list(texts)
+    counted_in = f"{len(texts):,} fitting texts that are never scored"
+    if params["extra_text"] and context.model_id == "minilm-l6":
+        from services.engine.methods.distill_student import scored_texts, stdlib_paragraphs
+
+        extra = stdlib_paragraphs(exclude=frozenset(scored_texts()) | frozenset(texts))
+        texts += extra
+        counted_in += f" and {len(extra):,} docstring paragraphs of Python's standard library"
     unseen = params["unseen"]
-    context.progress(0.32, f"counting tokens in {len(texts)} fitting texts")
-    kept, counted = kept_tokens(spec, texts, params["min_count"], keep_pieces=unseen == "pieces")
+    context.progress(0.32, f"counting tokens in {len(texts)} texts")
+    kept, counted = kept_tokens(spec, texts, params["min_count"], keep_pieces=unseen == "pieces",
+                                keep_frequent=params["keep_frequent"])
     new_id = {token: index for index, token in enumerate(kept)}
     stand_ins = nearest_kept(spec, kept, table.weight) if unseen == "nearest" else {}
 
@@ -148,6 +165,8 @@ def apply(net, params: dict, context) -> None:
     context.tokenizer_file = out
 
     how_often = "" if params["min_count"] == 1 else f", each seen at least {params['min_count']} times"
+    if params["keep_frequent"]:
+        how_often += f", and the vocabulary's {params['keep_frequent']:,} most frequent words"
     outside = {
         "pieces": "words outside them are split into smaller pieces (down to single characters)",
         "nearest": "words split into tokens as before, and each dropped token reads the vector of the most similar "
@@ -155,8 +174,8 @@ def apply(net, params: dict, context) -> None:
         "unknown": "words that cannot be built from them become [UNK], the unknown token",
     }[unseen]
     context.notes.append(
-        f"Kept {len(kept):,} of {len(vocab):,} token vectors ({counted:,} tokens used in {len(texts):,} fitting "
-        f"texts that are never scored{how_often}); {outside}. Use the model with the tokenizer.json stored with this run.")
+        f"Kept {len(kept):,} of {len(vocab):,} token vectors ({counted:,} tokens used in {counted_in}{how_often}); "
+        f"{outside}. Use the model with the tokenizer.json stored with this run.")
     context.notes.append(
         "Risk: text unlike the counted paragraphs (other topics, names, other languages) is understood less well; "
         "the mean fidelity can stay high while the worst text drops a lot, so look at the worst.")
@@ -181,6 +200,14 @@ METHOD = Method(
         Param("min_count", "int", 1,
               "Keep a token only if it occurs at least this many times in the counted texts.",
               minimum=1, maximum=1000, step=1),
+        Param("keep_frequent", "int", 0,
+              "Also keep this many of the vocabulary's most frequent words (BERT-style vocabularies list them from "
+              "the most frequent): everyday words the counted texts missed are then read exactly.",
+              minimum=0, maximum=30000, step=500),
+        Param("extra_text", "bool", False,
+              "MiniLM: count tokens in the docstrings of Python's standard library too (about 2,800 paragraphs, none "
+              "of them scored), so that everyday words the task's own texts happen to miss are kept: a larger table, "
+              "a much better worst paragraph."),
     ),
     effect_note=("Parameters and file size fall with the embedding rows removed (MiniLM: 90 MB → 48-51 MB); latency "
                  "stays the same; words the counted texts never used are read approximately, which lowers the worst "
