@@ -43,6 +43,9 @@ class LocalJobHandle:
                # Small models train fastest on one thread, and a job must not oversubscribe the cores
                # that the web process, other workers and the timing runs share (torch reads these).
                "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+               # With more than one thread on shared cores, OpenMP's spinning wait made training 5-20x
+               # slower (bench/recovery.py); a passive wait costs nothing measurable on a quiet machine.
+               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                # Libraries' caches (ONNX Runtime writes one on import) stay inside the data folder.
                "XDG_CACHE_HOME": str(Path(home) / "cache"), "HF_HOME": str(Path(home) / "cache" / "huggingface"),
                # Temporary files, and files a library drops in its working folder (ONNX Runtime's shape
