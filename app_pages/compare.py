@@ -2,6 +2,7 @@
 import streamlit as st
 
 from services import api
+from services.catalog import architecture_of
 from ui.charts import rate_chart, tradeoff_chart
 from ui.session import get_db
 from ui.tables import COLUMN_ORDER, column_config, runs_frame
@@ -26,11 +27,16 @@ if not runs:
 curves = api.rate_curves(runs)
 if curves:
     st.subheader("Score against the sequence rate, per task")
-    st.caption("Runs whose only step is sequence.pool: one once-for-all model scored at each rate without "
-               "retraining. A task that reads every frame (spoken digits) breaks sooner than one about the whole "
-               "clip (who speaks). Large diamonds: runs that learned their rate (`learn_rate`), beside the rates "
-               "chosen by hand.")
-    st.altair_chart(rate_chart(curves), width="stretch")
+    architecture = architecture_of(model)
+    if architecture == "text-transformer":
+        st.caption("Runs whose only step is sequence.pool: similar tokens merged inside the encoder (Token "
+                   "Merging), no training. Each point is one rate; hover for its latency against rate 1.")
+    else:
+        st.caption("Runs whose only step is sequence.pool: one once-for-all model scored at each rate without "
+                   "retraining. A task that reads every frame (spoken digits) breaks sooner than one about the "
+                   "whole clip (who speaks). Large diamonds: runs that learned their rate (`learn_rate`), beside "
+                   "the rates chosen by hand.")
+    st.altair_chart(rate_chart(curves, architecture), width="stretch")
 
 # Scores on different tasks do not share an axis: compare the runs of one task at a time.
 run_tasks = list(dict.fromkeys(run["recipe"]["task"] for run in runs))

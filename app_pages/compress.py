@@ -5,7 +5,7 @@ import secrets
 import streamlit as st
 
 from services import api
-from services.catalog import TASKS
+from services.catalog import TASKS, architecture_of
 from services.errors import UserError
 from services.recipes import parse_recipe_text
 from ui.charts import sensitivity_chart
@@ -92,11 +92,13 @@ def sensitivity_panel(method: dict, step: dict) -> None:
 def rate_sweep_button(step: dict) -> None:
     """A once-for-all model answers at every rate without retraining: score them all, per task."""
     rates = ", ".join(f"{r:g}" for r in api.SWEEP_RATES)
+    kept = {name: value for name, value in step["params"].items() if name in api.SWEEP_KEEPS}
+    settings = ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in kept.items())
     if st.button(f"Score every rate ({rates}) on every task", key=f"sweep-{step['uid']}",
-                 help="Queues one short job per rate and task; the Compare page then draws each task's score "
-                      "against the rate."):
+                 help="Queues one short job per rate and task" + (f", each with {settings}" if settings else "")
+                      + "; the Compare page then draws each task's score against the rate."):
         try:
-            queued = api.submit_rate_sweep(db, model_id)
+            queued = api.submit_rate_sweep(db, model_id, params=kept)
         except UserError as problem:
             st.error(str(problem))
         else:
@@ -106,6 +108,7 @@ def rate_sweep_button(step: dict) -> None:
 
 
 applicability = api.method_applicability(model)
+architecture = architecture_of(model)
 applicable = [m["name"] for m in applicability if m["applies"]]
 st.subheader("Steps")
 error_slots = {}  # step index -> a place under that step for its validation sentence
@@ -121,6 +124,8 @@ for index, step in enumerate(list(st.session_state.steps)):
             st.session_state.steps.pop(index)
             st.rerun()
         for param in method["params"]:
+            if param.get("architectures") and architecture not in param["architectures"]:
+                continue  # means nothing for this model (the recipe keeps its default)
             step["params"][param["name"]] = param_widget(
                 param, key=f"{step['uid']}-{param['name']}", value=step["params"].get(param["name"], param["default"]))
         if method["sensitivity"]:

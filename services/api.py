@@ -317,15 +317,18 @@ def submit_compress(db, model_id: str, recipe) -> dict:
 
 
 SWEEP_RATES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+SWEEP_KEEPS = ("merge_after",)  # the step's settings a sweep keeps (the rate is what it varies)
 
 
-def submit_rate_sweep(db, model_id: str, rates=SWEEP_RATES, tasks: list[str] | None = None) -> list[dict]:
+def submit_rate_sweep(db, model_id: str, rates=SWEEP_RATES, tasks: list[str] | None = None,
+                      params: dict | None = None) -> list[dict]:
     """One sequence.pool run per rate and task: a once-for-all model needs no retraining, so each is
     a job of seconds, and together they draw each task's score against the rate (Compare page)."""
     model = get_model(db, model_id)
     tasks = [t for t in (tasks or model["tasks"]) if t != "fidelity"] or model["tasks"]
+    kept = {name: value for name, value in (params or {}).items() if name in SWEEP_KEEPS}
     recipes = [{"task": task, "name": f"rate sweep: {task} at {rate:g}x",
-                "steps": [{"method": "sequence.pool", "params": {"rate": float(rate)}}]}
+                "steps": [{"method": "sequence.pool", "params": {**kept, "rate": float(rate)}}]}
                for task in tasks for rate in rates]
     for recipe in recipes:  # all refused before any is queued
         check_recipe(db, model_id, recipe)

@@ -218,6 +218,28 @@ def test_compress_rate_sweep_queues_one_short_job_per_rate_and_task(ui_db):
     assert any("14 jobs queued" in text for text in texts(at.success))
 
 
+def test_compress_shows_minilm_the_merging_settings_and_the_sweep_keeps_them(ui_db):
+    """On a text model sequence.pool merges tokens: the speech-only settings (learning the rate) are
+    not shown, merge_after is, and a sweep keeps it."""
+    at = open_page("app_pages/compress.py", model="minilm-l6")
+    _add_step(at, "sequence.pool")
+    shown = {widget.label for widget in [*at.number_input, *at.slider, *at.toggle, *at.checkbox]}
+    assert "merge after" in shown and not {"learn rate", "rate penalty", "learn steps"} & shown
+    at.number_input(key=f"{at.session_state.steps[0]['uid']}-merge_after").set_value(2).run()
+    next(b for b in at.button if b.label.startswith("Score every rate")).click().run()
+    assert not at.exception
+    recipes = [job["payload"]["recipe"] for job in api.list_jobs(ui_db)]
+    assert len(recipes) == len(api.SWEEP_RATES) and {r["task"] for r in recipes} == {"pydoc-retrieval"}
+    assert {r["steps"][0]["params"]["merge_after"] for r in recipes} == {2}
+
+
+def test_a_recipe_summary_shows_the_headline_number_and_what_differs():
+    from ui.format import recipe_summary
+
+    pool = {"steps": [{"method": "sequence.pool", "params": {"rate": 3.0, "rate_penalty": 0.5, "merge_after": 2}}]}
+    assert recipe_summary(pool) == "sequence.pool (rate 3, merge after 2)"
+
+
 def test_rate_curves_take_the_runs_of_sequence_pool_alone():
     def run(task, steps, rate=None, score=0.9):
         metrics = {"score": score, "score_name": "accuracy", "latency_ms": {"p50": 1.0}}

@@ -27,11 +27,16 @@ def tradeoff_chart(frame: pd.DataFrame, x: str, highlight_link: str | None = Non
     colors = alt.Scale(domain=kinds, range=[style[k][0] for k in kinds])
     shapes = alt.Scale(domain=kinds, range=[style[k][1] for k in kinds])
     sizes = alt.Scale(domain=kinds, range=[style[k][2] for k in kinds])
+    low, high = float(data[x].min()), float(data[x].max())
+    # Runs that barely differ on this axis (token merging keeps the size) would be spread over a
+    # zoomed axis whose ticks repeat: show them against a range of ±5 % instead.
+    x_scale = (alt.Scale(domain=[low * 0.95, high * 1.05], nice=False) if high > 0 and high - low < 0.01 * high
+               else alt.Scale(zero=False, nice=True, padding=20))
     return (
         alt.Chart(data)
         .mark_point(filled=True, opacity=0.85)
         .encode(
-            x=alt.X(x, title=AXES[x], scale=alt.Scale(zero=False, nice=True, padding=20),
+            x=alt.X(x, title=AXES[x], scale=x_scale,
                     axis=alt.Axis(format=",.4~r", tickCount=6)),
             y=alt.Y("score_pct", title=f"{score_name} (%)", scale=alt.Scale(zero=False, nice=True, padding=20),
                     axis=alt.Axis(format=",.4~r", tickCount=5)),
@@ -93,13 +98,19 @@ def sensitivity_chart(layers: list[dict], top: int = 20) -> alt.Chart:
     )
 
 
-def rate_chart(points: list[dict]) -> alt.Chart:
+RATE_AXES = {
+    "speech-transformer": "Pooling rate (frames averaged into one; 20 ms × rate per frame)",
+    "text-transformer": "Merging rate (the last layer runs on 1 / rate of the tokens)",
+}
+
+
+def rate_chart(points: list[dict], architecture: str = "speech-transformer") -> alt.Chart:
     """Each task's score against the sequence-pooling rate (one once-for-all model, no retraining)."""
     frame = pd.DataFrame(points).sort_values("rate")
     frame["score_pct"] = 100.0 * frame["score"]
     frame["label"] = frame["task"] + " (" + frame["score_name"] + ")"
     base = alt.Chart(frame).encode(
-        x=alt.X("rate", title="Pooling rate (frames averaged into one; 20 ms × rate per frame)",
+        x=alt.X("rate", title=RATE_AXES.get(architecture, "Sequence rate"),
                 scale=alt.Scale(zero=False)),
         y=alt.Y("score_pct", title="Score (%)", scale=alt.Scale(zero=False, nice=True)),
         color=alt.Color("label", legend=alt.Legend(title=None, orient="bottom", labelLimit=400)),

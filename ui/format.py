@@ -42,7 +42,8 @@ def _value(value) -> str:
 
 def recipe_summary(recipe: dict) -> str:
     """'prune.magnitude (amount 0.7) → quantize.dynamic (operators MatMul+Conv)': every step with the
-    parameters that differ from their defaults (the headline number always), and the name if any."""
+    parameters that differ from their defaults (the headline number, its first float, always), and the
+    name if any."""
     from services.engine.methods import REGISTRY  # torch-free declarations
 
     parts = []
@@ -50,9 +51,10 @@ def recipe_summary(recipe: dict) -> str:
         method = REGISTRY.get(step["method"])
         params = step.get("params", {})
         shown = []
+        first_float = next((p for p in method.params if p.kind == "float"), None) if method else None
         for key, value in params.items():
             declared = method.param(key) if method else None
-            headline = declared is not None and declared.kind == "float"
+            headline = declared is not None and declared is first_float
             if headline or declared is None or value != declared.default:
                 shown.append(f"{key.replace('_', ' ')} {_value(value)}")
         parts.append(f"{step['method']} ({', '.join(shown)})" if shown else step["method"])

@@ -20,9 +20,14 @@ class Param:
     maximum: float | None = None
     step: float | None = None
     choices: tuple = ()
+    # Architectures the parameter means something for (empty = all the method's): the form shows it
+    # only for those; a recipe may still carry it, at its default.
+    architectures: tuple = ()
 
     def schema(self) -> dict:
         out = {"name": self.name, "type": self.kind, "default": self.default, "help": self.help}
+        if self.architectures:
+            out["architectures"] = list(self.architectures)
         if self.minimum is not None:
             out["minimum"] = self.minimum
         if self.maximum is not None:

@@ -67,6 +67,9 @@ def _merge_tokens(net, params: dict, context) -> None:
         f"{', '.join(map(str, tokens))} of the {MAX_TOKENS} token positions, {work_share(MAX_TOKENS, layers, rate, merge_after):.0%} "
         "of the original's token-layers. Padding merges first and costs nothing, so short texts lose less than "
         "long ones.")
+    if merge_after < params["merge_after"]:
+        context.notes.append(f"merge_after {params['merge_after']} is past this encoder's {layers} layers: merging "
+                             f"starts after layer {merge_after}, before the last one.")
 
 
 def _learned_rate(net, params: dict, context, high: float) -> float:
@@ -108,10 +111,10 @@ METHOD = Method(
     name="sequence.pool",
     title="Shorter sequences (once-for-all pooling)",
     explanation=(
-        "Shortens the sequence inside the encoder so that most layers work on one `rate` times shorter: audio "
-        "frames are averaged (no retraining for a model trained once-for-all), similar text tokens are merged "
-        "(no training at all). Faster, most of all on long inputs; tasks that read every frame (digit strings) "
-        "tolerate less shortening than tasks about the whole clip (who speaks)."
+        "Shortens the sequence inside the encoder, so that most layers work on a sequence up to `rate` times "
+        "shorter: neighbouring audio frames are averaged (no retraining for a model trained once-for-all) or "
+        "similar text tokens merged (no training at all). Faster, most of all on long inputs; tasks that read "
+        "every position (digit strings) tolerate less shortening than tasks about the whole input (who speaks)."
     ),
     stage="torch",
     applies_to=("torch",),
@@ -123,14 +126,15 @@ METHOD = Method(
               "between works.", minimum=1.0, maximum=8.0, step=0.25),
         Param("merge_after", "int", 1, "Text models: how many encoder layers run on every token before merging "
               "starts (later merging keeps more, saves less). The speech encoder pools where it was trained, after "
-              "layer 1.", minimum=0, maximum=11, step=1),
+              "layer 1.", minimum=0, maximum=11, step=1, architectures=("text-transformer",)),
         Param("learn_rate", "bool", False, "Let a short training pick the rate for the task the run is scored on, "
               "instead of trying rates one by one: it weighs the task's loss against the compute saved "
-              "(the rate above is then ignored)."),
+              "(the rate above is then ignored).", architectures=("speech-transformer",)),
         Param("rate_penalty", "float", 0.5, "When learning the rate: how much compute counts against the task's "
-              "loss; higher picks a higher rate (faster, less accurate).", minimum=0.0, maximum=10.0, step=0.05),
+              "loss; higher picks a higher rate (faster, less accurate).", minimum=0.0, maximum=10.0, step=0.05,
+              architectures=("speech-transformer",)),
         Param("learn_steps", "int", 100, "When learning the rate: training steps (weights frozen, only the rate "
-              "moves).", minimum=10, maximum=2000, step=10),
+              "moves).", minimum=10, maximum=2000, step=10, architectures=("speech-transformer",)),
     ),
     effect_note=("Parameters and file size do not change: the gain is time, which grows with the input's length "
                  "(per-call overhead hides it on short inputs at batch 1)."),
