@@ -53,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--wait", action="store_true")
     compress.add_argument("--json", action="store_true")
 
+    search = sub.add_parser("search", help="how far a compression rate can go within an allowed score drop")
+    search.add_argument("--model", required=True)
+    search.add_argument("--recipe", default="{}", help="the base recipe (JSON/YAML file or inline JSON); the "
+                        "rate's step is added first when the recipe lacks it")
+    search.add_argument("--rate", help="the parameter to move, e.g. prune.structured.amount")
+    search.add_argument("--max-drop", type=float, help="score points the result may lose")
+    search.add_argument("--budget", type=int, default=7, help="trials at most (default 7)")
+    search.add_argument("--task", help="the task to score on (default: the model's own)")
+    search.add_argument("--show", metavar="SEARCH_ID", help="print a search instead of starting one")
+    search.add_argument("--wait", action="store_true")
+    search.add_argument("--json", action="store_true")
+
     scan = sub.add_parser("sensitivity", help="per-layer sensitivity scans").add_subparsers(
         dest="action", required=True, parser_class=_Parser)
     scan_run = scan.add_parser("run", help="compress each layer alone and record what it costs")
@@ -123,6 +135,18 @@ def _one_line(item: dict) -> str:
 
         line += "  " + api.summary_sentence(item["metrics"], item["baseline"])
     return line
+
+
+def _search_lines(found: dict) -> str:
+    spec = found["spec"]
+    lines = [f"search {found['id']}  status={found['status']}  {spec['rate']} in [{spec['low']:g}, {spec['high']:g}], "
+             f"allowed drop {spec['max_drop']:g} points, budget {spec['budget']}  share_path={found['share_path']}"]
+    for trial in found["trials"]:
+        measured = f"drop {trial['drop']:+.2f} points, {trial['size_ratio']:.2f}x smaller" if "drop" in trial else ""
+        lines.append(f"  {spec['param']} {trial['rate']:g}: {trial['status']} {measured}  run={trial['run_id']}")
+    if found["outcome"]:
+        lines.append(found["outcome"]["sentence"])
+    return "\n".join(lines)
 
 
 def _report(run: dict, fmt: str) -> str:
@@ -233,6 +257,17 @@ def main(argv=None) -> int:
             _print(api.get_run(db, submitted["run_id"]), as_json)
         else:
             _print(submitted, as_json)
+    elif args.command == "search":
+        if args.show:
+            _print(api.get_search(db, args.show), as_json)
+            return 0
+        if not args.rate or args.max_drop is None:
+            raise UserError("search needs --rate (such as prune.structured.amount) and --max-drop (score points).")
+        started = api.start_search(db, args.model, args.recipe, args.rate, args.max_drop, args.budget, args.task)
+        found = api.wait_for_search(db, started["id"]) if args.wait else started
+        _print(found if as_json else _search_lines(found), as_json)
+        if args.wait and found["status"] != "succeeded":
+            return 2
     elif args.command == "sensitivity":
         return _sensitivity(db, args, as_json)
     elif args.command == "jobs" and args.action == "list":

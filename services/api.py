@@ -335,6 +335,49 @@ def submit_rate_sweep(db, model_id: str, rates=SWEEP_RATES, tasks: list[str] | N
     return [submit_compress(db, model_id, recipe) for recipe in recipes]
 
 
+# ---- rate searches (services/search.py): trials are compress jobs -------------------------
+
+def start_search(db, model_id: str, recipe, rate: str, max_drop: float, budget: int, task: str | None = None) -> dict:
+    from services import search
+
+    return search.start(db, model_id, recipe, rate, max_drop, budget, task=task, check_recipe=check_recipe)
+
+
+def get_search(db, search_id: str) -> dict:
+    from services import search
+
+    return search.get(db, search_id)
+
+
+def list_searches(db, model_id: str | None = None) -> list[dict]:
+    from services import search
+
+    return search.list_searches(db, model_id)
+
+
+def search_rates() -> dict[str, dict]:
+    from services import search
+
+    return search.rate_params()
+
+
+def wait_for_search(db, search_id: str, timeout_s: float = 3600.0) -> dict:
+    """Run a search to its end: each trial through wait_for_job (a running worker, or inline)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = get_search(db, search_id)
+        if found["status"] != "running":
+            return found
+        pending = [t for t in found["trials"] if t["status"] in q.ACTIVE]
+        if pending:
+            wait_for_job(db, pending[0]["job_id"], max(1.0, deadline - time.monotonic()))
+        else:
+            from services import search
+
+            search.advance(db, search_id, check_recipe)  # what a worker does when a trial ends
+    raise UserError(f"Search {search_id} did not finish within {timeout_s:.0f} s; it goes on in the background.")
+
+
 def rate_curves(runs: list[dict]) -> list[dict]:
     """Finished runs whose only step is sequence.pool, as points: task, rate, score, latency ratio."""
     points = []

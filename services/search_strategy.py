@@ -27,6 +27,12 @@ import math
 from dataclasses import dataclass
 
 
+# Each guess stays this share of the bracket away from its ends. Simulated on power, exponential and
+# stepped drops: wider margins or forced bisections helped the stepped drop by under 1 % of
+# compression and cost the exponential one up to 8 %.
+MARGIN = 0.02
+
+
 @dataclass(frozen=True)
 class Trial:
     rate: float
@@ -89,7 +95,7 @@ def next_rate(trials: list[Trial], low: float, high: float, max_drop: float, res
     if b - a <= resolution:
         return None
     guess = (a * fb - b * fa) / (fb - fa)
-    margin = (b - a) * 0.02
+    margin = (b - a) * MARGIN
     guess = min(max(guess, a + margin), b - margin)
     if round(guess, 9) in tried:
         guess = (a + b) / 2
@@ -112,24 +118,26 @@ class Outcome:
     sentence: str
 
 
-def conclude(trials: list[Trial], max_drop: float, budget_left: int) -> Outcome:
+def conclude(trials: list[Trial], max_drop: float, budget_left: int, name: str = "rate",
+             show=lambda rate: rate) -> Outcome:
+    """The answer in a sentence; `name` and `show` say the rate as the user knows it."""
     b = bracket(trials, max_drop)
     best = next((t for t in trials if b.passed is not None and t.rate == b.passed), None)
     if best is None:
         mildest = min(trials, key=lambda t: t.rate) if trials else None
         if mildest is None:
             return Outcome(None, 0, "No trial was measured.")
-        return Outcome(None, len(trials), f"No setting meets the goal: even the mildest setting tried (rate "
-                                          f"{mildest.rate:g}) loses {mildest.drop:.1f} points, over the allowed "
+        return Outcome(None, len(trials), f"No setting meets the goal: even the mildest setting tried ({name} "
+                                          f"{show(mildest.rate):g}) loses {mildest.drop:.1f} points, over the allowed "
                                           f"{max_drop:g}.")
     if b.failed is None:
         how = "the whole range stays within the allowed drop"
     elif budget_left <= 0:
-        how = f"the trial budget ran out with the limit between {b.passed:g} and {b.failed:g}"
+        how = f"the trial budget ran out with the limit between {show(b.passed):.4g} and {show(b.failed):.4g}"
     else:
-        how = f"the limit lies between {b.passed:g} and {b.failed:g}"
-    return Outcome(best, len(trials), f"Rate {best.rate:.4g} loses {best.drop:.2f} points (allowed {max_drop:g}); "
-                                      f"{how} ({len(trials)} trials).")
+        how = f"the limit lies between {show(b.passed):.4g} and {show(b.failed):.4g}"
+    return Outcome(best, len(trials), f"{name.capitalize()} {show(best.rate):.4g} loses {best.drop:.2f} points "
+                                      f"(allowed {max_drop:g}); {how} ({len(trials)} trials).")
 
 
 def search(measure, low: float, high: float, max_drop: float, budget: int, resolution: float,

@@ -42,6 +42,8 @@ class Worker:
             while not self.stopping:
                 if time.monotonic() >= next_reap:  # a write lock: no need to take it on every poll
                     q.reap_expired(self.db)
+                    # a search whose trials all ended without us (a cancelled trial, a restart) moves on
+                    self._advance_searches()
                     next_reap = time.monotonic() + min(LEASE_S / 2, 5.0)
                 job = q.claim(self.db, self.id, LEASE_S)
                 if job is None:
@@ -61,7 +63,10 @@ class Worker:
         log.info("job %s (%s) attempt %s", job["id"], job["kind"], job["attempts"])
         handle = self.executor.start(job)
         try:
-            return self._supervise(job, handle)
+            status = self._supervise(job, handle)
+            if job.get("search_id") and status in q.FINISHED:
+                self._advance_searches(job["search_id"])  # its next trial, queued at once
+            return status
         except KeyboardInterrupt:
             # Ctrl-C on `compress --wait` working inline: stop the work and give the job back.
             handle.cancel()
@@ -69,6 +74,17 @@ class Worker:
             print(f"interrupted: job {job['id']} is back in the queue "
                   f"(`python -m services jobs cancel {job['id']}` cancels it)", file=sys.stderr)
             raise
+
+    def _advance_searches(self, search_id: str | None = None) -> None:
+        from services import search
+
+        try:
+            if search_id:
+                search.advance(self.db, search_id)
+            else:
+                search.advance_all(self.db)
+        except Exception:  # noqa: BLE001 - a search's bookkeeping must never stop the worker
+            log.exception("advancing search %s", search_id or "(all)")
 
     def _supervise(self, job: dict, handle) -> str:
         next_beat = 0.0

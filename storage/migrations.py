@@ -116,7 +116,25 @@ def _m3_sensitivity_scans(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX scans_model_method ON scans(model_id, method, created_at)")
 
 
-MIGRATIONS = [_m1_initial, _m2_uploads_and_datasets, _m3_sensitivity_scans]
+def _m4_searches(db: sqlite_utils.Database) -> None:
+    """Rate searches: a goal and a range; their trials are ordinary compress jobs tagged with the search."""
+    db.execute(
+        """
+        CREATE TABLE searches (
+            id TEXT PRIMARY KEY,           -- also the share link: /search?id=...
+            model_id TEXT NOT NULL REFERENCES models(id),
+            spec TEXT NOT NULL,            -- JSON: base recipe, rate (method.param), range, max_drop, budget
+            status TEXT NOT NULL,          -- running | succeeded | failed
+            outcome TEXT,                  -- JSON: sentence, best trial, when it ended
+            created_at TEXT NOT NULL,
+            finished_at TEXT
+        )"""
+    )
+    db.execute("ALTER TABLE jobs ADD COLUMN search_id TEXT REFERENCES searches(id)")
+    db.execute("CREATE INDEX jobs_search ON jobs(search_id, created_at)")
+
+
+MIGRATIONS = [_m1_initial, _m2_uploads_and_datasets, _m3_sensitivity_scans, _m4_searches]
 
 
 def schema_version(db: sqlite_utils.Database) -> int:

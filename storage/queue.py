@@ -46,20 +46,13 @@ def new_id() -> str:
     return secrets.token_hex(16)
 
 
-def enqueue(db, kind: str, model_id: str, payload: dict, max_attempts: int = 3) -> str:
+def enqueue(db, kind: str, model_id: str, payload: dict, max_attempts: int = 3, search_id: str | None = None) -> str:
+    # Raw SQL, so that a caller's transaction (a search placing its next trial) is not committed early.
     job_id = new_id()
-    db["jobs"].insert(
-        {
-            "id": job_id,
-            "kind": kind,
-            "model_id": model_id,
-            "payload": json.dumps(payload),
-            "status": "queued",
-            "attempts": 0,
-            "max_attempts": max_attempts,
-            "run_id": payload.get("run_id"),
-            "created_at": utcnow(),
-        }
+    db.execute(
+        """INSERT INTO jobs (id, kind, model_id, payload, status, attempts, max_attempts, run_id, created_at, search_id)
+           VALUES (?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?)""",
+        [job_id, kind, model_id, json.dumps(payload), max_attempts, payload.get("run_id"), utcnow(), search_id],
     )
     return job_id
 

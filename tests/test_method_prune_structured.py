@@ -128,8 +128,8 @@ def test_a_refit_makes_up_exactly_for_an_input_the_kept_ones_predict():
 
 
 @pytest.mark.parametrize("params, message", [
-    ({"amount": 0.0}, "between 0.05 and 0.9"),
-    ({"amount": 0.95}, "between 0.05 and 0.9"),
+    ({"amount": 0.0}, "between 0.05 and 0.95"),
+    ({"amount": 0.99}, "between 0.05 and 0.95"),
     ({"amount": "half"}, "must be a number"),
     ({"target": "layers"}, "must be one of all, neurons, heads"),
     ({"importance": "taylor"}, "must be one of contribution, l2, l1"),

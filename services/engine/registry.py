@@ -23,9 +23,13 @@ class Param:
     # Architectures the parameter means something for (empty = all the method's): the form shows it
     # only for those; a recipe may still carry it, at its default.
     architectures: tuple = ()
+    # A compression rate the search may move: 'higher' or 'lower' compresses more (services/search.py).
+    compresses: str = ""
 
     def schema(self) -> dict:
         out = {"name": self.name, "type": self.kind, "default": self.default, "help": self.help}
+        if self.compresses:
+            out["compresses"] = self.compresses
         if self.architectures:
             out["architectures"] = list(self.architectures)
         if self.minimum is not None:

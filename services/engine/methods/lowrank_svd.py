@@ -343,7 +343,7 @@ METHOD = Method(
               choices=("rank_ratio", "energy")),
         Param("rank_ratio", "float", 0.25,
               "Share of each layer's full rank to keep (mode 'rank_ratio'). A square layer only gets smaller "
-              "below 0.5.", minimum=0.01, maximum=1.0, step=0.05),
+              "below 0.5.", minimum=0.01, maximum=1.0, step=0.05, compresses="lower"),
         Param("energy", "float", 0.9,
               "Mode 'energy': per layer, keep the fewest directions that hold this share of the weights' energy "
               "(squared singular values); 0.99 keeps almost everything, which often means no saving.",

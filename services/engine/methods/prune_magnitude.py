@@ -52,7 +52,7 @@ METHOD = Method(
     applies_to=("torch",),
     params=(
         Param("amount", "float", 0.5, "Share of weights set to zero (0.5 = half of them).",
-              minimum=0.0, maximum=0.99, step=0.05),
+              minimum=0.0, maximum=0.99, step=0.05, compresses="higher"),
         Param("scope", "choice", "global",
               "'global' ranks all weights together; 'per_layer' removes the same share from every layer.",
               choices=("global", "per_layer")),

@@ -390,7 +390,7 @@ METHOD = Method(
     params=(
         Param("amount", "float", 0.5,
               "Share of each layer's channels, neurons and attention heads removed (0.5 = half of them).",
-              minimum=0.05, maximum=0.9, step=0.05),
+              minimum=0.05, maximum=0.95, step=0.05, compresses="higher"),
         Param("target", "choice", "all",
               "What is removed: 'all' (every kind the model has), 'neurons' (convolution channels, hidden and "
               "feed-forward neurons only) or 'heads' (whole attention heads only, transformers).",

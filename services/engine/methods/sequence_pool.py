@@ -123,7 +123,7 @@ METHOD = Method(
     params=(
         Param("rate", "float", 2.0, "How many frames (audio) or tokens (text, by the last layer) become one: 1 = "
               "unchanged, 2 = a frame every 40 ms or half the tokens, 8 = every 160 ms or an eighth; any value in "
-              "between works.", minimum=1.0, maximum=8.0, step=0.25),
+              "between works.", minimum=1.0, maximum=8.0, step=0.25, compresses="higher"),
         Param("merge_after", "int", 1, "Text models: how many encoder layers run on every token before merging "
               "starts (later merging keeps more, saves less). The speech encoder pools where it was trained, after "
               "layer 1.", minimum=0, maximum=11, step=1, architectures=("text-transformer",)),

@@ -1,0 +1,81 @@
+"""Rate searches end to end on digits-cnn: trials are real compress jobs run by real workers."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from conftest import run_cli, wait_until
+from services import api
+from services.errors import UserError
+
+RATE = "prune.structured.amount"
+
+
+def test_a_search_finds_a_rate_within_the_drop_and_every_trial_is_a_run(prepared_db):
+    found = api.wait_for_search(prepared_db, api.start_search(prepared_db, "digits-cnn", {}, RATE, 1.0, 5)["id"])
+    assert found["status"] == "succeeded" and found["share_path"] == f"/search?id={found['id']}"
+    trials = found["trials"]
+    assert 2 <= len(trials) <= 5 and trials[0]["rate"] == 0.95  # the top of the range first
+    assert all(t["status"] == "succeeded" and api.get_run(prepared_db, t["run_id"]) for t in trials)
+    best = found["outcome"]["best"]
+    assert best["drop"] <= 1.0 and best["rate"] == max(t["rate"] for t in trials if t["drop"] <= 1.0)
+    assert best["size_ratio"] > 1.5  # digits-cnn keeps its accuracy at a third of its channels removed
+    assert found["outcome"]["sentence"].startswith(f"Amount {best['rate']:.4g} loses")
+    jobs = [j for j in api.list_jobs(prepared_db) if j["kind"] == "compress"]
+    assert {j["id"] for j in jobs} == {t["job_id"] for t in trials}  # ordinary jobs, on the Jobs page
+
+
+def test_a_goal_no_rate_meets_says_so_in_a_sentence(prepared_db):
+    ruined = {"steps": [{"method": "prune.magnitude", "params": {"amount": 0.97}}]}  # loses most of the accuracy
+    found = api.wait_for_search(prepared_db, api.start_search(prepared_db, "digits-cnn", ruined, RATE, 1.0, 7)["id"])
+    assert found["status"] == "succeeded" and found["outcome"]["best"] is None
+    assert found["outcome"]["sentence"].startswith("No setting meets the goal: even the mildest setting tried "
+                                                   "(amount 0.05) loses")
+    assert len(found["trials"]) == 3  # the top, one guess, the mildest setting
+    # the rate's step is added first, the base recipe's own step kept
+    first = api.get_run(prepared_db, found["trials"][0]["run_id"])
+    assert [step["method"] for step in first["recipe"]["steps"]] == ["prune.structured", "prune.magnitude"]
+
+
+@pytest.mark.parametrize("rate, max_drop, budget, message", [
+    ("prune.structured.width", 1.0, 7, "--rate must name a compression rate"),
+    ("quantize.dynamic.operators", 1.0, 7, "--rate must name a compression rate"),
+    (RATE, -1.0, 7, "allowed drop must be between 0 and 100"),
+    (RATE, 1.0, 1, "budget must be a whole number from 2 to 30"),
+])
+def test_a_bad_goal_is_refused_before_anything_is_queued(prepared_db, rate, max_drop, budget, message):
+    with pytest.raises(UserError, match=message):
+        api.start_search(prepared_db, "digits-cnn", {}, rate, max_drop, budget)
+    assert [j for j in api.list_jobs(prepared_db) if j["kind"] != "prepare"] == []
+    assert api.list_searches(prepared_db) == []
+
+
+def test_a_search_survives_its_worker_being_killed(prepared_db, prepared_home, workers):
+    started = api.start_search(prepared_db, "digits-cnn", {}, RATE, 1.0, 5)
+    first = workers.start(prepared_home, lease_s=2)
+    wait_until(lambda: sum(t["status"] == "succeeded" for t in api.get_search(prepared_db, started["id"])["trials"]) >= 2,
+               timeout=120, what="two trials to finish")
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(10)
+    workers.start(prepared_home, lease_s=2)  # reaps a trial the dead worker held, and goes on
+    wait_until(lambda: api.get_search(prepared_db, started["id"])["status"] != "running", timeout=240,
+               what="the search to end")
+    found = api.get_search(prepared_db, started["id"])
+    assert found["status"] == "succeeded", found["outcome"]
+    assert len(found["trials"]) <= 5 and found["outcome"]["best"]["drop"] <= 1.0
+    rates = [t["rate"] for t in found["trials"]]
+    assert len(rates) == len(set(rates))  # no trial was queued twice
+
+
+def test_the_search_command_prints_the_trials_and_the_answer(prepared_home):
+    done = run_cli("search", "--model", "digits-cnn", "--rate", RATE, "--max-drop", "1", "--budget", "3", "--wait",
+                   home=prepared_home, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("search ") and "status=succeeded" in lines[0]
+    assert lines[1].startswith("  amount 0.95: succeeded drop +")
+    assert "loses" in lines[-1] and "smaller" in lines[-1]
+    refused = run_cli("search", "--model", "digits-cnn", "--rate", "prune.structured.amount", home=prepared_home)
+    assert refused.returncode == 2 and "needs --rate" in refused.stderr and "Traceback" not in refused.stderr
