@@ -12,6 +12,7 @@ pages = [
     st.Page("app_pages/data.py", title="Data", icon=":material/dataset:", url_path="data"),
     st.Page("app_pages/jobs.py", title="Jobs", icon=":material/pending_actions:", url_path="jobs"),
     st.Page("app_pages/compare.py", title="Compare", icon=":material/insights:", url_path="compare"),
+    st.Page("app_pages/search.py", title="Search", icon=":material/search:", url_path="search"),
     st.Page("app_pages/result.py", title="Result", icon=":material/link:", url_path="result", visibility="hidden"),
 ]
 page = st.navigation(pages)

@@ -144,8 +144,10 @@ def _finish(db, search_id: str, status: str, spec: dict, trials: list[dict], fai
         best = next(t for t in trials if "drop" in t and abs(sign * t["rate"] - outcome.best.rate) < 1e-9)
     sentence = outcome.sentence
     if best:
-        sentence += (f" The best trial is {best['size_ratio']:.2f}× smaller and {best['speed_ratio']:.2f}× faster "
-                     f"than the original, {best['score_name']} {best['score']:.4g} ({-best['drop']:+.2f} points).")
+        speed = (f"{best['speed_ratio']:.2f}× faster" if best["speed_ratio"] >= 1
+                 else f"{1 / best['speed_ratio']:.2f}× slower")
+        sentence += (f" The best trial is {best['size_ratio']:.2f}× smaller and {speed} than the original, "
+                     f"{best['score_name']} {best['score']:.4g} ({-best['drop']:+.2f} points).")
     if failure:
         sentence = failure + " " + sentence
     db.execute("UPDATE searches SET status = ?, outcome = ?, finished_at = ? WHERE id = ?",

@@ -465,3 +465,27 @@ def test_result_page_of_a_queued_run_shows_its_status(ui_db):
     at = open_page("app_pages/result.py", id=submitted["run_id"])
     assert any("is waiting for a worker" in text for text in texts(at.markdown))
     assert not at.get("download_button")
+
+
+# ---- Search -------------------------------------------------------------------------------
+
+def test_search_page_starts_a_search_and_its_link_shows_the_trials_and_the_answer(prepared_db):
+    at = open_page("app_pages/search.py", model="digits-cnn")
+    offered = [option.split(" — ")[0] for option in at.selectbox[1].options]
+    assert "prune.structured.amount" in offered and "lowrank.svd.energy" in offered
+    assert "sequence.pool.rate" not in offered  # a speech and text setting: not for a CNN
+    at.selectbox[1].set_value("prune.structured.amount")
+    at.number_input[0].set_value(1.0)
+    at.slider[0].set_value(3)
+    at.button[0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    started = api.list_searches(prepared_db)
+    assert len(started) == 1 and started[0]["spec"]["budget"] == 3 and at.query_params["id"] == started[0]["id"]
+    api.wait_for_search(prepared_db, started[0]["id"])
+
+    shared = open_page("app_pages/search.py", id=started[0]["id"])  # the share link, in a fresh session
+    assert "how far can prune.structured.amount go?" in shared.title[0].value
+    assert texts(shared.success)[0].startswith("Amount ") and "smaller" in texts(shared.success)[0]
+    assert len(shared.dataframe[0].value) == 3
+    missing = open_page("app_pages/search.py", id="nope")
+    assert "No search has this link" in texts(missing.error)[0]

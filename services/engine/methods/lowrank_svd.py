@@ -343,11 +343,11 @@ METHOD = Method(
               choices=("rank_ratio", "energy")),
         Param("rank_ratio", "float", 0.25,
               "Share of each layer's full rank to keep (mode 'rank_ratio'). A square layer only gets smaller "
-              "below 0.5.", minimum=0.01, maximum=1.0, step=0.05, compresses="lower"),
+              "below 0.5.", minimum=0.01, maximum=1.0, step=0.05),
         Param("energy", "float", 0.9,
               "Mode 'energy': per layer, keep the fewest directions that hold this share of the weights' energy "
               "(squared singular values); 0.99 keeps almost everything, which often means no saving.",
-              minimum=0.1, maximum=0.9999, step=0.01),
+              minimum=0.1, maximum=0.9999, step=0.01, compresses="lower"),
         Param("calibrate", "bool", True,
               "Fit each factorization to what the layer actually receives (inputs from the task's fitting "
               "split) instead of to its weights alone: the same rank keeps much more accuracy. Costs a few "
