@@ -7,6 +7,7 @@ BUILTIN_MODELS = {
         "name": "Digits CNN",
         "format": "torch",
         "task": "digits",
+        "family": "digits-cnn",
         "description": "A small convolutional network that reads 8x8 handwritten digits "
                        "(scikit-learn's digits), trained here on first use with a fixed seed.",
     },
@@ -15,6 +16,7 @@ BUILTIN_MODELS = {
         "name": "Digits CNN x2",
         "format": "torch",
         "task": "digits",
+        "family": "digits-cnn",
         "description": "The digits CNN with twice the channels: compare a larger model compressed hard "
                        "with a small one compressed lightly.",
     },
@@ -23,6 +25,7 @@ BUILTIN_MODELS = {
         "name": "Digits CNN x4",
         "format": "torch",
         "task": "digits",
+        "family": "digits-cnn",
         "description": "The digits CNN with four times the channels.",
     },
     "minilm-l6": {
@@ -52,6 +55,14 @@ ARCHITECTURES = {
     "speech-transformer": "a speech transformer (frames + encoder layers)",
     "onnx-graph": "an uploaded ONNX graph",
 }
+
+
+def family_of(model_id: str) -> list[str]:
+    """The built-in models of one family (the three digits-cnn widths), this one first; else itself."""
+    family = BUILTIN_MODELS.get(model_id, {}).get("family")
+    if not family:
+        return [model_id]
+    return [model_id] + [i for i, m in BUILTIN_MODELS.items() if m.get("family") == family and i != model_id]
 
 
 def architecture_of(model: dict) -> str:

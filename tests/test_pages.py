@@ -417,10 +417,29 @@ def test_compare_page_shows_the_run_table_and_two_charts(ui_run_home):
     charts = at.get("vega_lite_chart")
     assert len(charts) == 2
     for chart in charts:
-        spec = json.loads(chart.proto.spec)
-        assert spec["mark"]["type"] == "point"
-        assert spec["encoding"]["y"]["field"] == "score_pct"
-    assert [json.loads(c.proto.spec)["encoding"]["x"]["field"] for c in charts] == ["size_kb", "latency_pct"]
+        front, points = json.loads(chart.proto.spec)["layer"]
+        assert points["mark"]["type"] == "point" and points["encoding"]["y"]["field"] == "score_pct"
+        assert front["mark"]["type"] == "line" and front["mark"]["interpolate"] == "step-after"  # the Pareto front
+    assert [json.loads(c.proto.spec)["layer"][1]["encoding"]["x"]["field"] for c in charts] == ["size_kb",
+                                                                                               "latency_pct"]
+
+    # side by side: the pick goes into the link, each run gets its sentence
+    at.multiselect(key="side-by-side").set_value([run["id"]]).run()
+    assert at.query_params["runs"] == [run["id"]] or at.query_params["runs"] == run["id"]
+    assert any("smaller" in text and "points" in text and run["share_path"] in text for text in texts(at.markdown))
+
+    at.toggle(key="family").set_value(True).run()  # the three digits-cnn widths on one chart
+    assert not at.exception
+    specs = [json.loads(c.proto.spec)["layer"][1]["encoding"] for c in at.get("vega_lite_chart")]
+    assert [spec["x"]["field"] for spec in specs] == ["size_kb", "p50_us"]
+    assert all(spec["color"]["field"] == "model" for spec in specs)
+
+
+def test_pareto_mask_keeps_what_nothing_beats_on_both():
+    from ui.charts import pareto_mask
+
+    costs, scores = [10, 5, 5, 3, 8], [0.99, 0.98, 0.97, 0.90, 0.99]
+    assert pareto_mask(costs, scores) == [False, True, False, True, True]
 
 
 def test_compare_page_without_runs_points_to_compress(ui_home):

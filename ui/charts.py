@@ -12,12 +12,22 @@ AXES = {
 }
 
 
-def tradeoff_chart(frame: pd.DataFrame, x: str, highlight_link: str | None = None) -> alt.Chart:
-    """Score (y) against a cost (x); the baseline is a red diamond, the highlighted run a larger dot."""
+def pareto_mask(costs, scores) -> list[bool]:
+    """True for the points no other point beats: none is at least as cheap and as good, and better
+    on one of the two (lower cost, higher score)."""
+    points = list(zip(costs, scores))
+    return [not any(c <= cost and s >= score and (c < cost or s > score) for c, s in points)
+            for cost, score in points]
+
+
+def tradeoff_chart(frame: pd.DataFrame, x: str, highlight_link: str | None = None, color_by_model: bool = False) -> alt.Chart:
+    """Score (y) against a cost (x); the baseline is a red diamond, the highlighted run a larger dot,
+    and the Pareto front (the runs nothing else beats on both) a grey step line."""
     data = frame.assign(
         kind=frame["is_baseline"].map({True: "baseline", False: "compressed run"}),
         score_pct=frame["score"] * 100,
     )
+    data["on_front"] = pareto_mask(data[x].tolist(), data["score"].tolist())
     if highlight_link:
         data.loc[data["link"] == highlight_link, "kind"] = "this run"
     score_name = str(frame["score_name"].iloc[0]) if len(frame) else "score"
@@ -32,7 +42,12 @@ def tradeoff_chart(frame: pd.DataFrame, x: str, highlight_link: str | None = Non
     # zoomed axis whose ticks repeat: show them against a range of ±5 % instead.
     x_scale = (alt.Scale(domain=[low * 0.95, high * 1.05], nice=False) if high > 0 and high - low < 0.01 * high
                else alt.Scale(zero=False, nice=True, padding=20))
-    return (
+    front = (alt.Chart(data[data["on_front"]].sort_values(x))
+             .mark_line(interpolate="step-after", color="#888888", strokeDash=[5, 3], opacity=0.8)
+             .encode(x=alt.X(x, scale=x_scale), y="score_pct"))
+    color = (alt.Color("model", legend=alt.Legend(title=None, orient="bottom")) if color_by_model
+             else alt.Color("kind", scale=colors, legend=alt.Legend(title=None, orient="bottom")))
+    points = (
         alt.Chart(data)
         .mark_point(filled=True, opacity=0.85)
         .encode(
@@ -40,7 +55,7 @@ def tradeoff_chart(frame: pd.DataFrame, x: str, highlight_link: str | None = Non
                     axis=alt.Axis(format=",.4~r", tickCount=6)),
             y=alt.Y("score_pct", title=f"{score_name} (%)", scale=alt.Scale(zero=False, nice=True, padding=20),
                     axis=alt.Axis(format=",.4~r", tickCount=5)),
-            color=alt.Color("kind", scale=colors, legend=alt.Legend(title=None, orient="bottom")),
+            color=color,
             shape=alt.Shape("kind", scale=shapes, legend=None),
             size=alt.Size("kind", scale=sizes, legend=None),
             tooltip=[
@@ -48,11 +63,12 @@ def tradeoff_chart(frame: pd.DataFrame, x: str, highlight_link: str | None = Non
                 alt.Tooltip(x, title=AXES[x], format=".3f"),
                 alt.Tooltip("score_pct", title=f"{score_name} (%)", format=".2f"),
                 alt.Tooltip("score_delta_points", title="Δ points", format="+.2f"),
+                alt.Tooltip("on_front", title="on the Pareto front"),
             ],
             href="link",
         )
-        .properties(height=320)
     )
+    return (front + points).properties(height=320)
 
 
 def comparison_bars(metrics: dict, baseline: dict) -> alt.Chart:
