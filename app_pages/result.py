@@ -130,6 +130,25 @@ with download_col:
                                on_click="ignore", help="The model needs it: its vocabulary was trimmed, so its token "
                                                        "ids differ from the original tokenizer's.")
 
+with download_col:
+    st.markdown("**Hugging Face Hub**")
+    st.download_button("Download a Hub-ready folder (.zip)", lambda: api.hub_zip(db, run["id"]),
+                       file_name=f"{model['id']}-{run['id'][:8]}-hub.zip", mime="application/zip", on_click="ignore",
+                       help="The ONNX file, the recipe, the metrics and a model card whose metadata carries the "
+                            "measured scores (model-index), ready to upload.")
+    with st.expander("Publish it to the Hub"):
+        with st.form("publish"):
+            repo_id = st.text_input("Repository (owner/name)", placeholder="you/" + f"{model['id']}-compressed")
+            token = st.text_input("Access token (write)", type="password",
+                                  help="Used once for this upload and never stored.")
+            if st.form_submit_button("Publish"):
+                try:
+                    url = api.publish_to_hub(db, run["id"], repo_id, token)
+                except UserError as problem:
+                    st.error(str(problem))
+                else:
+                    st.success(f"Published: {url}")
+
 st.markdown("**Share this result**: anyone with the link sees this page, read-only.")
 page_url = (st.context.url or "").split("?")[0]
 st.code(f"{page_url}?id={run['id']}" if page_url else run["share_path"], language=None, wrap_lines=True)

@@ -510,6 +510,31 @@ def run_file_bytes(db, run: dict, name: str) -> bytes:
     return ArtifactStore(db.home).resolve(run["files"][name]).read_bytes()
 
 
+def hub_folder(db, run_id: str) -> dict[str, bytes]:
+    """The run as a Hub-ready folder: model.onnx, recipe.json, metrics.json, README.md (the model
+    card, metrics in model-index metadata) and tokenizer.json when the run has one."""
+    from services import hub
+
+    run = get_run(db, run_id)
+    return hub.folder_files(run, get_model(db, run["model_id"]), lambda r: artifact_bytes(db, r),
+                            lambda r, name: run_file_bytes(db, r, name))
+
+
+def hub_zip(db, run_id: str) -> bytes:
+    from services import hub
+
+    return hub.folder_zip(hub_folder(db, run_id))
+
+
+def publish_to_hub(db, run_id: str, repo_id: str, token: str, endpoint: str | None = None) -> str:
+    from services import hub
+
+    scratch = Path(db.home) / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    return hub.publish(hub_folder(db, run_id), repo_id.strip(), token.strip(), scratch,
+                       endpoint or os.environ.get("EXPLORER_HF_ENDPOINT") or None)
+
+
 def ratios(metrics: dict, baseline: dict) -> dict:
     """How the run compares with the baseline: >1 means smaller / faster, as a user reads it."""
     def safe(a, b):

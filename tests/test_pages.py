@@ -468,7 +468,7 @@ def test_result_page_shows_the_run(ui_run_home):
     assert any(run["id"] in c.value for c in at.code)  # the share link
 
     downloads = at.get("download_button")
-    assert len(downloads) == 1 and downloads[0].proto.label.startswith("Download ONNX")
+    assert [d.proto.label.split(" (")[0] for d in downloads] == ["Download ONNX", "Download a Hub-ready folder"]
     assert len(at.get("vega_lite_chart")) == 2
     assert not at.error
 
