@@ -15,6 +15,16 @@ db = get_db()
 search_id = st.query_params.get("id", "")
 
 
+def _points(value: float) -> str:
+    return f"{value:g} point{'' if value == 1 else 's'}"
+
+
+def _goal(spec: dict) -> str:
+    if spec.get("goal") == "front":
+        return "the Pareto front of score against size"
+    return f"the most compression with a score drop of at most **{_points(spec['max_drop'])}**"
+
+
 def show(found_id: str) -> None:
     try:
         found = api.get_search(db, found_id)
@@ -22,48 +32,77 @@ def show(found_id: str) -> None:
         st.error("No search has this link. Check that the whole link was copied.")
         return
     spec = found["spec"]
+    rates = spec.get("rates") or [spec]
     model = api.get_model(db, found["model_id"])
-    st.title(f"{model['name']}: how far can {spec['rate']} go?")
-    st.write(f"Goal: the most compression with a score drop of at most **{spec['max_drop']:g} points** on "
-             f"`{spec['recipe']['task']}`, in at most {spec['budget']} trials, over {spec['param']} from "
-             f"{spec['low']:g} to {spec['high']:g}. Each trial is an ordinary compress job (Jobs page).")
-    if found["outcome"]:
-        best = found["outcome"]["best"]
-        (st.success if best else st.warning)(found["outcome"]["sentence"])
-        if best:
+    names = " and ".join(r["rate"] for r in rates)
+    st.title(f"{model['name']}: how far can {names} go?")
+    ranges = ", ".join(f"{r['param']} from {r['low']:g} to {r['high']:g} ({r['compresses']} compresses more)"
+                       for r in rates)
+    how = ("bracketing the limit" if spec.get("strategy", "bracket") == "bracket"
+           else "Optuna's TPE sampler, its study kept in the data folder")
+    st.write(f"Goal: {_goal(spec)} on `{spec['recipe']['task']}`, in at most {spec['budget']} trials, over {ranges}; "
+             f"by {how}. Each trial is an ordinary compress job (Jobs page).")
+    outcome = found["outcome"]
+    if outcome:
+        good = outcome.get("best") or outcome.get("front")
+        (st.success if good else st.warning)(outcome["sentence"])
+        if outcome.get("best"):
             st.page_link("app_pages/result.py", label="Open the recommended run", icon=":material/star:",
-                         query_params={"id": best["run_id"]})
+                         query_params={"id": outcome["best"]["run_id"]})
+        for trial in outcome.get("front") or []:
+            settings = ", ".join(f"{n.split('.')[-1]} {v:.4g}" for n, v in trial["params"].items())
+            st.page_link("app_pages/result.py", icon=":material/timeline:", query_params={"id": trial["run_id"]},
+                         label=f"On the front: {settings}: {trial['size_ratio']:.2f}× smaller, "
+                               f"{trial['score_name']} {100 * trial['score']:.2f}% ({-trial['drop']:+.2f} points)")
     else:
         st.info(f"Searching: {len(found['trials'])} trial(s) so far. This page fills in as trials finish.")
     trials = found["trials"]
     if not trials:
         return
-    rows = [{"trial": index + 1, spec["param"]: t["rate"], "status": t["status"],
-             "score drop (points)": t.get("drop"), "× smaller": t.get("size_ratio"), "× faster": t.get("speed_ratio"),
-             "within the goal": (t["drop"] <= spec["max_drop"]) if "drop" in t else None,
-             "link": t["share_path"]} for index, t in enumerate(trials)]
+    within = spec.get("max_drop")
+    rows = []
+    for index, t in enumerate(trials):
+        row = {"trial": index + 1, **{r["param"]: t["params"].get(r["rate"], t["rate"]) for r in rates},
+               "status": t["status"], "score drop (points)": t.get("drop"), "× smaller": t.get("size_ratio"),
+               "speed vs the original": t.get("speed_ratio"), "link": t["share_path"]}
+        if within is not None:
+            row["verdict"] = ("" if "drop" not in t else
+                              "within the goal" if t["drop"] <= within else "over the allowed drop")
+        rows.append(row)
     frame = pd.DataFrame(rows)
     measured = frame.dropna(subset=["score drop (points)"])
+    x_rate = rates[0]
     if len(measured):
-        points = alt.Chart(measured).mark_point(filled=True, size=120).encode(
-            x=alt.X(f"{spec['param']}:Q", title=f"{spec['param']} ({spec['compresses']} compresses more)"),
-            y=alt.Y("score drop (points):Q", title="Score drop (points, lower is better)"),
-            color=alt.Color("within the goal:N", scale=alt.Scale(domain=[True, False], range=["#2ca02c", "#d62728"]),
-                            legend=alt.Legend(title="within the goal", orient="bottom")),
-            tooltip=["trial", f"{spec['param']}:Q", alt.Tooltip("score drop (points):Q", format=".2f"),
-                     alt.Tooltip("× smaller:Q", format=".2f"), alt.Tooltip("× faster:Q", format=".2f")],
-            href="link")
-        order = alt.Chart(measured).mark_text(dy=-12, fontSize=11).encode(
-            x=f"{spec['param']}:Q", y="score drop (points):Q", text="trial:Q")
-        limit = alt.Chart(pd.DataFrame({"y": [spec["max_drop"]]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y")
-        st.altair_chart((points + order + limit).properties(height=300), width="stretch")
-        st.caption("Each point is one trial, numbered in the order the search chose them; the dashed line is the "
-                   "allowed drop. Click a point to open its run.")
+        # symlog: the first trial tries the extreme (a drop of 80+ points) without flattening the
+        # region around the allowed drop, where the answer is
+        y = alt.Y("score drop (points):Q", title="Score drop (points)", scale=alt.Scale(type="symlog"))
+        if spec.get("goal") == "front":
+            x = alt.X("× smaller:Q", title="× smaller (size)")
+            color = alt.Color("trial:O", legend=None)
+        else:
+            x = alt.X(f"{x_rate['param']}:Q", title=f"{x_rate['param']} (more compression to the right)",
+                      scale=alt.Scale(reverse=x_rate["compresses"] == "lower", zero=False, nice=False, padding=12))
+            color = alt.Color("verdict:N", scale=alt.Scale(domain=["within the goal", "over the allowed drop"],
+                                                           range=["#2ca02c", "#d62728"]),
+                              legend=alt.Legend(title=None, orient="bottom"))
+        tooltip = ["trial", *[f"{r['param']}:Q" for r in rates], alt.Tooltip("score drop (points):Q", format=".2f"),
+                   alt.Tooltip("× smaller:Q", format=".2f"), alt.Tooltip("speed vs the original:Q", format=".2f")]
+        points_layer = alt.Chart(measured).mark_point(filled=True, size=120).encode(x=x, y=y, color=color,
+                                                                                   tooltip=tooltip, href="link")
+        labels = alt.Chart(measured).mark_text(dy=-12, fontSize=11).encode(x=x, y=y, text="trial:Q")
+        layers = points_layer + labels
+        if within is not None:
+            layers += alt.Chart(pd.DataFrame({"y": [within]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y")
+        st.altair_chart(layers.properties(height=320), width="stretch")
+        st.caption("Each point is one trial, numbered in the order the search chose it"
+                   + ("; the dashed line is the allowed drop" if within is not None else "")
+                   + ". The drop axis stretches small drops and squeezes large ones. Click a point to open its run.")
     st.dataframe(frame, hide_index=True, width="stretch",
                  column_config={"link": st.column_config.LinkColumn("run", display_text="open"),
                                 "score drop (points)": st.column_config.NumberColumn(format="%.2f"),
-                                "× smaller": st.column_config.NumberColumn(format="%.2f"),
-                                "× faster": st.column_config.NumberColumn(format="%.2f")})
+                                "× smaller": st.column_config.NumberColumn(format="%.2f×"),
+                                "speed vs the original": st.column_config.NumberColumn(
+                                    format="%.2f×", help="Above 1: faster than the original; below 1: slower.")})
 
 
 if search_id:
@@ -96,15 +135,20 @@ if not rates:
     st.info("None of the settings the search can move applies to this model.")
     st.stop()
 with st.form("start-search"):
-    rate = st.selectbox("Setting to push", list(rates), format_func=lambda n: f"{n} — {rates[n]['help']}")
+    chosen = st.multiselect("Settings to push", list(rates), default=list(rates)[:1],
+                            format_func=lambda n: f"{n} — {rates[n]['help']}",
+                            help="One setting is bracketed in a few trials; several at once are searched with Optuna.")
     task = st.selectbox("Score it on", model["tasks"], format_func=lambda t: f"{t} — {TASKS[t]['description']}")
+    goal = st.radio("Goal", list(api.SEARCH_GOALS), format_func=api.SEARCH_GOALS.get, horizontal=True)
     max_drop = st.number_input("Score points you can afford to lose", min_value=0.0, max_value=100.0, value=1.0,
-                               step=0.5, help="The search never recommends a setting whose measured drop is larger.")
+                               step=0.5, help="The search never recommends a setting whose measured drop is larger. "
+                                              "With the front as the goal, it is not used.")
     budget = st.slider("Trials at most", 2, 15, 7, help="Each trial is one compress job; about 7 find the limit "
-                       "within a few per cent of a 20-point grid.")
+                       "of one setting within a few per cent of a 20-point grid.")
     if st.form_submit_button("Start the search", type="primary"):
         try:
-            started = api.start_search(db, model_id, {}, rate, max_drop, budget, task)
+            started = api.start_search(db, model_id, {}, chosen, max_drop if goal == "max-drop" else None, budget,
+                                       task, goal=goal)
         except UserError as problem:
             st.error(str(problem))
         else:
@@ -115,6 +159,15 @@ earlier = api.list_searches(db, model_id)
 if earlier:
     st.subheader("Earlier searches of this model")
     for found in earlier[:20]:
-        sentence = found["outcome"]["sentence"] if found["outcome"] else "running…"
-        st.page_link("app_pages/search.py", label=f"{found['spec']['rate']}, ≤ {found['spec']['max_drop']:g} points: "
-                     f"{sentence[:140]}", query_params={"id": found["id"]})
+        spec, outcome = found["spec"], found["outcome"]
+        best = (outcome or {}).get("best")
+        if best:
+            what = f"best {best['size_ratio']:.2f}× smaller ({-best['drop']:+.2f} points)"
+        elif outcome:
+            what = f"{len(outcome.get('front') or [])} run(s) on the front" if outcome.get("front") else "no answer"
+        else:
+            what = "running…"
+        goal_text = "front" if spec.get("goal") == "front" else f"≤ {_points(spec['max_drop'])}"
+        names = ", ".join(r["rate"] for r in spec.get("rates") or [spec])
+        st.page_link("app_pages/search.py", query_params={"id": found["id"]},
+                     label=f"{found['created_at'][:16].replace('T', ' ')} · {names} · {goal_text} · {what}")

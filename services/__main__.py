@@ -57,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", required=True)
     search.add_argument("--recipe", default="{}", help="the base recipe (JSON/YAML file or inline JSON); the "
                         "rate's step is added first when the recipe lacks it")
-    search.add_argument("--rate", help="the parameter to move, e.g. prune.structured.amount")
+    search.add_argument("--rate", action="append", help="the parameter to move, e.g. prune.structured.amount; "
+                        "repeat it to move several at once (searched with Optuna)")
+    search.add_argument("--goal", choices=("max-drop", "front"), default="max-drop",
+                        help="max-drop: the most compression within --max-drop (default); front: the Pareto front "
+                             "of score against size")
     search.add_argument("--max-drop", type=float, help="score points the result may lose")
     search.add_argument("--budget", type=int, default=7, help="trials at most (default 7)")
     search.add_argument("--task", help="the task to score on (default: the model's own)")
@@ -139,11 +143,16 @@ def _one_line(item: dict) -> str:
 
 def _search_lines(found: dict) -> str:
     spec = found["spec"]
-    lines = [f"search {found['id']}  status={found['status']}  {spec['rate']} in [{spec['low']:g}, {spec['high']:g}], "
-             f"allowed drop {spec['max_drop']:g} points, budget {spec['budget']}  share_path={found['share_path']}"]
+    ranges = ", ".join(f"{r['rate']} in [{r['low']:g}, {r['high']:g}]" for r in spec.get("rates", [spec]))
+    goal = (f"allowed drop {spec['max_drop']:g} points" if spec.get("goal", "max-drop") == "max-drop"
+            else "goal: the Pareto front")
+    lines = [f"search {found['id']}  status={found['status']}  {ranges}, {goal}, budget {spec['budget']}  "
+             f"share_path={found['share_path']}"]
     for trial in found["trials"]:
         measured = f"drop {trial['drop']:+.2f} points, {trial['size_ratio']:.2f}x smaller" if "drop" in trial else ""
-        lines.append(f"  {spec['param']} {trial['rate']:g}: {trial['status']} {measured}  run={trial['run_id']}")
+        settings = ", ".join(f"{n.split('.')[-1]} {v:g}" for n, v in trial["params"].items()) or \
+            f"{spec['param']} {trial['rate']:g}"
+        lines.append(f"  {settings}: {trial['status']} {measured}  run={trial['run_id']}")
     if found["outcome"]:
         lines.append(found["outcome"]["sentence"])
     return "\n".join(lines)
@@ -261,9 +270,10 @@ def main(argv=None) -> int:
         if args.show:
             _print(api.get_search(db, args.show), as_json)
             return 0
-        if not args.rate or args.max_drop is None:
+        if not args.rate or (args.max_drop is None and args.goal == "max-drop"):
             raise UserError("search needs --rate (such as prune.structured.amount) and --max-drop (score points).")
-        started = api.start_search(db, args.model, args.recipe, args.rate, args.max_drop, args.budget, args.task)
+        started = api.start_search(db, args.model, args.recipe, args.rate, args.max_drop, args.budget, args.task,
+                                   goal=args.goal)
         found = api.wait_for_search(db, started["id"]) if args.wait else started
         _print(found if as_json else _search_lines(found), as_json)
         if args.wait and found["status"] != "succeeded":

@@ -337,10 +337,15 @@ def submit_rate_sweep(db, model_id: str, rates=SWEEP_RATES, tasks: list[str] | N
 
 # ---- rate searches (services/search.py): trials are compress jobs -------------------------
 
-def start_search(db, model_id: str, recipe, rate: str, max_drop: float, budget: int, task: str | None = None) -> dict:
+def start_search(db, model_id: str, recipe, rate: str | list[str], max_drop: float | None, budget: int,
+                 task: str | None = None, goal: str = "max-drop") -> dict:
     from services import search
 
-    return search.start(db, model_id, recipe, rate, max_drop, budget, task=task, check_recipe=check_recipe)
+    return search.start(db, model_id, recipe, rate, max_drop, budget, task=task, check_recipe=check_recipe, goal=goal)
+
+
+SEARCH_GOALS = {"max-drop": "the most compression within the allowed drop",
+                "front": "the Pareto front (score against size)"}
 
 
 def get_search(db, search_id: str) -> dict:

@@ -30,35 +30,50 @@ def rate_params() -> dict[str, dict]:
             for name, method in REGISTRY.items() for p in method.params if p.compresses}
 
 
-def start(db, model_id: str, recipe: dict | str, rate: str, max_drop: float, budget: int, task: str | None = None,
-          check_recipe=None) -> dict:
-    """Validate the goal, store the search and queue its first trial."""
+GOALS = {"max-drop": "the most compression within an allowed score drop",
+         "front": "the whole Pareto front of score against size"}
+
+
+def start(db, model_id: str, recipe: dict | str, rate: str | list[str], max_drop: float | None, budget: int,
+          task: str | None = None, check_recipe=None, goal: str = "max-drop") -> dict:
+    """Validate the goal, store the search and queue its first trial. One rate with goal max-drop is
+    bracketed (services/search_strategy.py); several rates, or a front, go to Optuna."""
     from services.recipes import load_recipe_text
 
     rates = rate_params()
-    if rate not in rates:
-        raise UserError(f"--rate must name a compression rate, one of {', '.join(sorted(rates))}; got {rate!r}.")
-    try:
-        max_drop = float(max_drop)
-    except (TypeError, ValueError):
-        raise UserError(f"The allowed drop must be a number of score points; got {max_drop!r}.") from None
-    if not 0 <= max_drop <= 100:
-        raise UserError(f"The allowed drop must be between 0 and 100 score points; got {max_drop:g}.")
+    names = [rate] if isinstance(rate, str) else list(rate)
+    if not names or len(set(names)) != len(names):
+        raise UserError("Name each rate to search once (--rate, repeated for several).")
+    for name in names:
+        if name not in rates:
+            raise UserError(f"--rate must name a compression rate, one of {', '.join(sorted(rates))}; got {name!r}.")
+    if goal not in GOALS:
+        raise UserError(f"The goal must be one of {', '.join(GOALS)}; got {goal!r}.")
+    if goal == "max-drop" or max_drop is not None:
+        try:
+            max_drop = float(max_drop)
+        except (TypeError, ValueError):
+            raise UserError(f"The allowed drop must be a number of score points; got {max_drop!r}.") from None
+        if not 0 <= max_drop <= 100:
+            raise UserError(f"The allowed drop must be between 0 and 100 score points; got {max_drop:g}.")
     if not isinstance(budget, int) or not 2 <= budget <= MAX_BUDGET:
         raise UserError(f"The trial budget must be a whole number from 2 to {MAX_BUDGET}; got {budget!r}.")
-    spec_rate = rates[rate]
+    chosen = [{"rate": name, **rates[name]} for name in names]
     base = load_recipe_text(recipe) if isinstance(recipe, str) else dict(recipe or {})
     steps = [dict(step) for step in base.get("steps", [])]
-    if not any(step.get("method") == spec_rate["method"] for step in steps):
-        steps.insert(0, {"method": spec_rate["method"], "params": {}})  # the rate's own step, first
+    for spec_rate in reversed(chosen):
+        if not any(step.get("method") == spec_rate["method"] for step in steps):
+            steps.insert(0, {"method": spec_rate["method"], "params": {}})  # the rate's own step, first
     base = {**base, "steps": steps, **({"task": task} if task else {})}
-    # Both ends of the range must make a valid recipe: refused now, not as a failed trial.
-    for value in (spec_rate["low"], spec_rate["high"]):
-        check_recipe(db, model_id, _with_rate(base, spec_rate, value))
-    clean = check_recipe(db, model_id, _with_rate(base, spec_rate, spec_rate["high"]))
-    spec = {"recipe": {**base, "task": clean["task"]}, "rate": rate, "method": spec_rate["method"],
-            "param": spec_rate["param"], "low": spec_rate["low"], "high": spec_rate["high"],
-            "compresses": spec_rate["compresses"], "max_drop": max_drop, "budget": budget}
+    # Both ends of the ranges must make a valid recipe: refused now, not as a failed trial.
+    for end in ("low", "high"):
+        clean = check_recipe(db, model_id, _with_rates(base, chosen, {r["rate"]: r[end] for r in chosen}))
+    first = chosen[0]
+    spec = {"recipe": {**base, "task": clean["task"]}, "rate": first["rate"], "method": first["method"],
+            "param": first["param"], "low": first["low"], "high": first["high"], "compresses": first["compresses"],
+            "rates": [{k: r[k] for k in ("rate", "method", "param", "low", "high", "compresses")} for r in chosen],
+            "goal": goal, "strategy": "bracket" if goal == "max-drop" and len(chosen) == 1 else "optuna",
+            "max_drop": max_drop, "budget": budget}
     search_id = q.new_id()
     db.execute("INSERT INTO searches (id, model_id, spec, status, created_at) VALUES (?, ?, ?, 'running', ?)",
                [search_id, model_id, json.dumps(spec), q.utcnow()])
@@ -70,6 +85,12 @@ def _with_rate(recipe: dict, spec: dict, value: float) -> dict:
     steps = [dict(step, params={**step.get("params", {}), spec["param"]: value})
              if step.get("method") == spec["method"] else step for step in recipe["steps"]]
     return {**recipe, "steps": steps}
+
+
+def _with_rates(recipe: dict, rates: list[dict], values: dict) -> dict:
+    for spec_rate in rates:
+        recipe = _with_rate(recipe, spec_rate, values[spec_rate["rate"]])
+    return recipe
 
 
 def _oriented(spec: dict) -> tuple[float, float, int]:
@@ -87,12 +108,13 @@ def trials_of(db, search_id: str) -> list[dict]:
     for row in rows:
         payload = json.loads(row["payload"])
         trial = {"job_id": row["job_id"], "status": row["status"], "error": row["error"], "rate": payload["search_rate"],
+                 "params": payload.get("search_params") or {}, "optuna_trial": payload.get("optuna_trial"),
                  "run_id": payload["run_id"], "share_path": f"/result?id={payload['run_id']}"}
         if row["metrics"]:
             metrics, baseline = json.loads(row["metrics"]), json.loads(row["baseline"])
             trial.update(score=metrics["score"], score_name=metrics["score_name"], baseline_score=baseline["score"],
                          drop=100.0 * (baseline["score"] - metrics["score"]),
-                         size_ratio=baseline["size_bytes"] / metrics["size_bytes"],
+                         size_ratio=baseline["size_bytes"] / metrics["size_bytes"], size_bytes=metrics["size_bytes"],
                          speed_ratio=baseline["latency_ms"]["p50"] / metrics["latency_ms"]["p50"])
         out.append(trial)
     return out
@@ -108,6 +130,8 @@ def advance(db, search_id: str, check_recipe=None) -> str:
             return rows[0]["status"] if rows else "missing"
         search, spec = rows[0], json.loads(rows[0]["spec"])
         trials = trials_of(db, search_id)
+        if spec.get("strategy") == "optuna":
+            return _advance_optuna(db, search, spec, trials, check_recipe)
         if any(t["status"] in q.ACTIVE for t in trials):
             return "running"
         broken = next((t for t in trials if t["status"] != "succeeded"), None)
@@ -122,15 +146,45 @@ def advance(db, search_id: str, check_recipe=None) -> str:
             rate = next_rate(measured, low, high, spec["max_drop"], RESOLUTION_SHARE * (high - low))
         if rate is None:
             return _finish(db, search_id, "succeeded", spec, trials)
-        value = round(sign * rate, 6)
+        value = round(sign * rate, 4)
         try:
             recipe = check_recipe(db, search["model_id"], _with_rate(spec["recipe"], spec, value))
         except UserError as problem:  # the model or a scan changed since the search began
             return _finish(db, search_id, "failed", spec, trials, f"The next trial was refused: {problem}")
-        recipe["name"] = f"search {search_id[:6]}: {spec['param']} {value:g}"
+        recipe["name"] = f"search {search_id[:6]}, trial {len(trials) + 1}"
         run_id = q.new_id()
-        q.enqueue(db, "compress", search["model_id"], {"recipe": recipe, "run_id": run_id, "search_rate": value},
-                  search_id=search_id)
+        q.enqueue(db, "compress", search["model_id"], {"recipe": recipe, "run_id": run_id, "search_rate": value,
+                                                       "search_params": {spec["rate"]: value}}, search_id=search_id)
+    return "running"
+
+
+def _advance_optuna(db, search: dict, spec: dict, trials: list[dict], check_recipe) -> str:
+    """Tell the study what finished, then ask it for the next settings or conclude (in the caller's
+    transaction, so two workers never queue the same trial)."""
+    from services import search_optuna
+
+    study = search_optuna._study(db.home, search["id"], spec)
+    search_optuna.tell_finished(study, spec, trials)
+    active = sum(t["status"] in q.ACTIVE for t in trials)
+    # One trial per live worker at a time: trials run in parallel when several workers run.
+    parallel = max(1, len(q.live_workers(db)))
+    if active >= parallel or (active and len(trials) >= spec["budget"]):
+        return "running"
+    if len(trials) >= spec["budget"]:
+        outcome = search_optuna.conclude(study, spec, trials)
+        db.execute("UPDATE searches SET status = 'succeeded', outcome = ?, finished_at = ? WHERE id = ?",
+                   [json.dumps(outcome), q.utcnow(), search["id"]])
+        return "succeeded"
+    number, values = search_optuna.ask(study, spec)
+    try:
+        recipe = check_recipe(db, search["model_id"], _with_rates(spec["recipe"], spec["rates"], values))
+    except UserError as problem:
+        return _finish(db, search["id"], "failed", spec, trials, f"The next trial was refused: {problem}")
+    recipe["name"] = f"search {search['id'][:6]}, trial {len(trials) + 1}"
+    run_id = q.new_id()
+    q.enqueue(db, "compress", search["model_id"], {"recipe": recipe, "run_id": run_id, "search_rate": values[spec["rate"]],
+                                                   "search_params": values, "optuna_trial": number},
+              search_id=search["id"])
     return "running"
 
 
@@ -147,12 +201,18 @@ def _finish(db, search_id: str, status: str, spec: dict, trials: list[dict], fai
         speed = (f"{best['speed_ratio']:.2f}× faster" if best["speed_ratio"] >= 1
                  else f"{1 / best['speed_ratio']:.2f}× slower")
         sentence += (f" The best trial is {best['size_ratio']:.2f}× smaller and {speed} than the original, "
-                     f"{best['score_name']} {best['score']:.4g} ({-best['drop']:+.2f} points).")
+                     f"{best['score_name']} {100 * best['score']:.2f}% ({points(-best['drop'])}).")
     if failure:
         sentence = failure + " " + sentence
     db.execute("UPDATE searches SET status = ?, outcome = ?, finished_at = ? WHERE id = ?",
                [status, json.dumps({"sentence": sentence, "best": best, "trials": len(measured)}), q.utcnow(), search_id])
     return status
+
+
+def points(change: float) -> str:
+    """'+0.37 points', '-1.11 points', '+0.00 points' (never '-0.00')."""
+    text = f"{change:+.2f}"
+    return ("+0.00" if text == "-0.00" else text) + " points"
 
 
 def get(db, search_id: str) -> dict:

@@ -130,12 +130,13 @@ def conclude(trials: list[Trial], max_drop: float, budget_left: int, name: str =
         return Outcome(None, len(trials), f"No setting meets the goal: even the mildest setting tried ({name} "
                                           f"{show(mildest.rate):g}) loses {mildest.drop:.1f} points, over the allowed "
                                           f"{max_drop:g}.")
+    ends = sorted((show(b.passed), show(b.failed))) if b.failed is not None else None
     if b.failed is None:
         how = "the whole range stays within the allowed drop"
     elif budget_left <= 0:
-        how = f"the trial budget ran out with the limit between {show(b.passed):.4g} and {show(b.failed):.4g}"
+        how = f"the trial budget ran out with the limit between {ends[0]:.4g} and {ends[1]:.4g}"
     else:
-        how = f"the limit lies between {show(b.passed):.4g} and {show(b.failed):.4g}"
+        how = f"the limit lies between {ends[0]:.4g} and {ends[1]:.4g}"
     return Outcome(best, len(trials), f"{name.capitalize()} {show(best.rate):.4g} loses {best.drop:.2f} points "
                                       f"(allowed {max_drop:g}); {how} ({len(trials)} trials).")
 

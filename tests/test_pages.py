@@ -490,10 +490,10 @@ def test_result_page_of_a_queued_run_shows_its_status(ui_db):
 
 def test_search_page_starts_a_search_and_its_link_shows_the_trials_and_the_answer(prepared_db):
     at = open_page("app_pages/search.py", model="digits-cnn")
-    offered = [option.split(" — ")[0] for option in at.selectbox[1].options]
+    offered = [option.split(" — ")[0] for option in at.multiselect[0].options]
     assert "prune.structured.amount" in offered and "lowrank.svd.energy" in offered
     assert "sequence.pool.rate" not in offered  # a speech and text setting: not for a CNN
-    at.selectbox[1].set_value("prune.structured.amount")
+    at.multiselect[0].set_value(["prune.structured.amount"])
     at.number_input[0].set_value(1.0)
     at.slider[0].set_value(3)
     at.button[0].click().run()

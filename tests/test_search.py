@@ -69,6 +69,22 @@ def test_a_search_survives_its_worker_being_killed(prepared_db, prepared_home, w
     assert len(rates) == len(set(rates))  # no trial was queued twice
 
 
+def test_two_rates_at_once_give_a_pareto_front_from_an_optuna_study_in_the_data_folder(prepared_db, prepared_home):
+    started = api.start_search(prepared_db, "digits-cnn", {}, [RATE, "prune.magnitude.amount"], None, 4, goal="front")
+    assert started["spec"]["strategy"] == "optuna"
+    found = api.wait_for_search(prepared_db, started["id"])
+    assert found["status"] == "succeeded" and len(found["trials"]) == 4
+    settings = [tuple(t["params"].values()) for t in found["trials"]]
+    assert len(set(settings)) == 4  # each trial a new pair of settings
+    front = found["outcome"]["front"]
+    assert front and all(not any(o["size_bytes"] <= t["size_bytes"] and o["score"] >= t["score"]
+                                 and (o["size_bytes"], o["score"]) != (t["size_bytes"], t["score"])
+                                 for o in found["trials"]) for t in front)  # nothing beats a front run on both
+    assert (prepared_home / "searches" / started["id"] / "study.log").is_file()  # the study, resumable
+    run = api.get_run(prepared_db, found["trials"][0]["run_id"])
+    assert [s["method"] for s in run["recipe"]["steps"]] == ["prune.structured", "prune.magnitude"]
+
+
 def test_the_search_command_prints_the_trials_and_the_answer(prepared_home):
     done = run_cli("search", "--model", "digits-cnn", "--rate", RATE, "--max-drop", "1", "--budget", "3", "--wait",
                    home=prepared_home, timeout=300)

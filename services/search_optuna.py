@@ -1,0 +1,111 @@
+"""Searches the bracket cannot do, on Optuna: several rates at once, or the whole Pareto front.
+
+- goal `front`: two objectives, the score (maximised) and the ONNX file's size (minimised), with
+  Optuna's multi-objective TPE sampler; the answer is the study's Pareto front.
+- goal `max-drop` over several rates: the size ratio is maximised under the constraint "score drop
+  at most the allowed one" (TPE with `constraints_func`); the answer is the best feasible trial.
+
+The study lives in the data folder (`searches/<id>/study.log`, Optuna's journal storage, safe for
+several processes), and each trial is an ordinary compress job carrying its Optuna trial number:
+`advance` tells Optuna what finished jobs measured, then asks for the next settings, so a search
+stopped anywhere (a killed worker, a restart) continues from its study. Torch-free.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+STARTUP_SHARE = 0.4  # random trials before TPE models the results (at least 2)
+
+
+def _study(home: Path, search_id: str, spec: dict):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    folder = Path(home) / "searches" / search_id
+    folder.mkdir(parents=True, exist_ok=True)
+    storage = JournalStorage(JournalFileBackend(str(folder / "study.log")))
+    startup = max(2, round(STARTUP_SHARE * spec["budget"]))
+    # A sampler lives as long as one `advance`; seeded by how many trials the study has, so each ask
+    # draws afresh (one fixed seed would repeat the same random start every time) yet reproducibly.
+    seed = len(storage.get_all_trials(storage.get_study_id_from_name(search_id))) if _exists(storage, search_id) else 0
+    if spec["goal"] == "front":
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
+        directions = ["maximize", "minimize"]  # score, size in bytes
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
+                                             constraints_func=lambda trial: [trial.user_attrs["over_budget"]])
+        directions = ["maximize"]  # size ratio
+    return optuna.create_study(study_name=search_id, storage=storage, sampler=sampler, directions=directions,
+                               load_if_exists=True)
+
+
+def _exists(storage, name: str) -> bool:
+    return any(summary.study_name == name for summary in storage.get_all_studies())
+
+
+def distributions(spec: dict) -> dict:
+    from optuna.distributions import FloatDistribution
+
+    return {r["rate"]: FloatDistribution(r["low"], r["high"]) for r in spec["rates"]}
+
+
+def tell_finished(study, spec: dict, trials: list[dict]) -> None:
+    """Report every finished job Optuna has not heard of yet."""
+    import optuna
+    from optuna.trial import TrialState
+
+    open_numbers = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    for trial in trials:
+        number = trial.get("optuna_trial")
+        if number not in open_numbers or trial["status"] in ("queued", "running"):
+            continue
+        if "drop" not in trial:
+            study.tell(number, state=TrialState.FAIL)
+            continue
+        if spec["goal"] == "front":
+            study.tell(number, [trial["score"], trial["size_bytes"]])
+        else:
+            live = optuna.trial.Trial(study, open_numbers[number]._trial_id)
+            live.set_user_attr("over_budget", trial["drop"] - spec["max_drop"])
+            study.tell(number, trial["size_ratio"])
+
+
+def ask(study, spec: dict) -> tuple[int, dict]:
+    trial = study.ask(distributions(spec))
+    return trial.number, {name: round(value, 4) for name, value in trial.params.items()}
+
+
+def conclude(study, spec: dict, trials: list[dict]) -> dict:
+    """The outcome: for a front, its runs from the smallest to the best scoring; else the best feasible."""
+    from services.search import points
+
+    measured = [t for t in trials if "drop" in t]
+    if spec["goal"] == "front":
+        numbers = {t.number for t in study.best_trials}
+        front = sorted((t for t in measured if t.get("optuna_trial") in numbers), key=lambda t: t["size_bytes"])
+        if not front:
+            return {"sentence": "No trial finished, so there is no front to show.", "best": None, "front": [],
+                    "trials": len(measured)}
+        ends = (f"from {_settings(front[0])} ({front[0]['size_ratio']:.2f}× smaller, {points(-front[0]['drop'])}) "
+                f"to {_settings(front[-1])} ({front[-1]['size_ratio']:.2f}× smaller, {points(-front[-1]['drop'])})")
+        sentence = (f"The Pareto front of {len(measured)} trials has {len(front)} run(s), {ends}: each is the best "
+                    "score among the trials at most its size." if len(front) > 1 else
+                    f"One trial beats all others on both score and size: {ends.split(' to ')[0]}.")
+        return {"sentence": sentence, "best": None, "front": front, "trials": len(measured)}
+    feasible = [t for t in measured if t["drop"] <= spec["max_drop"]]
+    if not feasible:
+        mildest = min(measured, key=lambda t: t["drop"]) if measured else None
+        sentence = ("No trial finished." if mildest is None else
+                    f"No setting tried meets the goal: the mildest loss was {mildest['drop']:.1f} points "
+                    f"({_settings(mildest)}), over the allowed {spec['max_drop']:g}.")
+        return {"sentence": sentence, "best": None, "trials": len(measured)}
+    best = max(feasible, key=lambda t: t["size_ratio"])
+    return {"sentence": f"{_settings(best)} loses {best['drop']:.2f} points (allowed {spec['max_drop']:g}) and is "
+                        f"{best['size_ratio']:.2f}× smaller, the most of {len(feasible)} trials within the goal "
+                        f"({len(measured)} trials).", "best": best, "trials": len(measured)}
+
+
+def _settings(trial: dict) -> str:
+    return ", ".join(f"{name.split('.')[-1]} {value:.4g}" for name, value in trial["params"].items())
