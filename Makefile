@@ -33,6 +33,8 @@ bench-methods: install               # each family in depth (each 5-25 min on 2 
 	$(PY) bench/recovery.py            # recovery objectives at 90% sparsity, structured + distill, train large then compress
 	$(PY) bench/once_for_all.py        # once-for-all vs fixed-rate speech models, 3 seeds (about 45 min)
 	$(PY) bench/learned_rate.py        # a learned pooling rate against a grid (uses once_for_all's seed-0 model)
+	$(PY) bench/token_merge.py         # token merging on MiniLM at every rate, timed together
+	$(PY) bench/search.py              # the rate search against a 20-point grid (digits-cnn, MiniLM)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
