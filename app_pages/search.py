@@ -145,10 +145,12 @@ with st.form("start-search"):
                                               "With the front as the goal, it is not used.")
     budget = st.slider("Trials at most", 2, 15, 7, help="Each trial is one compress job; about 7 find the limit "
                        "of one setting within a few per cent of a 20-point grid.")
+    minutes = st.number_input("Minutes at most (0: no time limit)", min_value=0.0, max_value=1440.0, value=0.0,
+                              step=5.0, help="No new trial starts after this; the best trial measured wins.")
     if st.form_submit_button("Start the search", type="primary"):
         try:
             started = api.start_search(db, model_id, {}, chosen, max_drop if goal == "max-drop" else None, budget,
-                                       task, goal=goal)
+                                       task, goal=goal, minutes=minutes or None)
         except UserError as problem:
             st.error(str(problem))
         else:

@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "of score against size")
     search.add_argument("--max-drop", type=float, help="score points the result may lose")
     search.add_argument("--budget", type=int, default=7, help="trials at most (default 7)")
+    search.add_argument("--minutes", type=float, help="a time budget: no new trial after it (the best measured wins)")
     search.add_argument("--task", help="the task to score on (default: the model's own)")
     search.add_argument("--show", metavar="SEARCH_ID", help="print a search instead of starting one")
     search.add_argument("--wait", action="store_true")
@@ -273,7 +274,7 @@ def main(argv=None) -> int:
         if not args.rate or (args.max_drop is None and args.goal == "max-drop"):
             raise UserError("search needs --rate (such as prune.structured.amount) and --max-drop (score points).")
         started = api.start_search(db, args.model, args.recipe, args.rate, args.max_drop, args.budget, args.task,
-                                   goal=args.goal)
+                                   goal=args.goal, minutes=args.minutes)
         found = api.wait_for_search(db, started["id"]) if args.wait else started
         _print(found if as_json else _search_lines(found), as_json)
         if args.wait and found["status"] != "succeeded":

@@ -338,10 +338,11 @@ def submit_rate_sweep(db, model_id: str, rates=SWEEP_RATES, tasks: list[str] | N
 # ---- rate searches (services/search.py): trials are compress jobs -------------------------
 
 def start_search(db, model_id: str, recipe, rate: str | list[str], max_drop: float | None, budget: int,
-                 task: str | None = None, goal: str = "max-drop") -> dict:
+                 task: str | None = None, goal: str = "max-drop", minutes: float | None = None) -> dict:
     from services import search
 
-    return search.start(db, model_id, recipe, rate, max_drop, budget, task=task, check_recipe=check_recipe, goal=goal)
+    return search.start(db, model_id, recipe, rate, max_drop, budget, task=task, check_recipe=check_recipe,
+                        goal=goal, minutes=minutes)
 
 
 SEARCH_GOALS = {"max-drop": "the most compression within the allowed drop",

@@ -35,7 +35,7 @@ GOALS = {"max-drop": "the most compression within an allowed score drop",
 
 
 def start(db, model_id: str, recipe: dict | str, rate: str | list[str], max_drop: float | None, budget: int,
-          task: str | None = None, check_recipe=None, goal: str = "max-drop") -> dict:
+          task: str | None = None, check_recipe=None, goal: str = "max-drop", minutes: float | None = None) -> dict:
     """Validate the goal, store the search and queue its first trial. One rate with goal max-drop is
     bracketed (services/search_strategy.py); several rates, or a front, go to Optuna."""
     from services.recipes import load_recipe_text
@@ -58,6 +58,8 @@ def start(db, model_id: str, recipe: dict | str, rate: str | list[str], max_drop
             raise UserError(f"The allowed drop must be between 0 and 100 score points; got {max_drop:g}.")
     if not isinstance(budget, int) or not 2 <= budget <= MAX_BUDGET:
         raise UserError(f"The trial budget must be a whole number from 2 to {MAX_BUDGET}; got {budget!r}.")
+    if minutes is not None and not 0 < float(minutes) <= 24 * 60:
+        raise UserError(f"The time budget must be between 0 and 1,440 minutes; got {minutes!r}.")
     chosen = [{"rate": name, **rates[name]} for name in names]
     base = load_recipe_text(recipe) if isinstance(recipe, str) else dict(recipe or {})
     steps = [dict(step) for step in base.get("steps", [])]
@@ -73,7 +75,7 @@ def start(db, model_id: str, recipe: dict | str, rate: str | list[str], max_drop
             "param": first["param"], "low": first["low"], "high": first["high"], "compresses": first["compresses"],
             "rates": [{k: r[k] for k in ("rate", "method", "param", "low", "high", "compresses")} for r in chosen],
             "goal": goal, "strategy": "bracket" if goal == "max-drop" and len(chosen) == 1 else "optuna",
-            "max_drop": max_drop, "budget": budget}
+            "max_drop": max_drop, "budget": budget, "minutes": None if minutes is None else float(minutes)}
     search_id = q.new_id()
     db.execute("INSERT INTO searches (id, model_id, spec, status, created_at) VALUES (?, ?, ?, 'running', ?)",
                [search_id, model_id, json.dumps(spec), q.utcnow()])
@@ -142,10 +144,10 @@ def advance(db, search_id: str, check_recipe=None) -> str:
             return _finish(db, search_id, "failed", spec, trials, f"The trial at {spec['param']} "
                            f"{broken['rate']:g} did not finish ({reason}); the search stopped there.")
         rate = None
-        if len(measured) < spec["budget"]:
+        if len(measured) < spec["budget"] and not _out_of_time(search, spec):
             rate = next_rate(measured, low, high, spec["max_drop"], RESOLUTION_SHARE * (high - low))
         if rate is None:
-            return _finish(db, search_id, "succeeded", spec, trials)
+            return _finish(db, search_id, "succeeded", spec, trials, _time_note(search, spec))
         value = round(sign * rate, 4)
         try:
             recipe = check_recipe(db, search["model_id"], _with_rate(spec["recipe"], spec, value))
@@ -170,8 +172,9 @@ def _advance_optuna(db, search: dict, spec: dict, trials: list[dict], check_reci
     parallel = max(1, len(q.live_workers(db)))
     if active >= parallel or (active and len(trials) >= spec["budget"]):
         return "running"
-    if len(trials) >= spec["budget"]:
+    if len(trials) >= spec["budget"] or _out_of_time(search, spec):
         outcome = search_optuna.conclude(study, spec, trials)
+        outcome["sentence"] = " ".join(filter(None, [_time_note(search, spec), outcome["sentence"]]))
         db.execute("UPDATE searches SET status = 'succeeded', outcome = ?, finished_at = ? WHERE id = ?",
                    [json.dumps(outcome), q.utcnow(), search["id"]])
         return "succeeded"
@@ -186,6 +189,23 @@ def _advance_optuna(db, search: dict, spec: dict, trials: list[dict], check_reci
                                                    "search_params": values, "optuna_trial": number},
               search_id=search["id"])
     return "running"
+
+
+def _elapsed_minutes(search: dict) -> float:
+    import datetime as dt
+
+    started = dt.datetime.fromisoformat(search["created_at"])
+    return (dt.datetime.now(dt.timezone.utc) - started).total_seconds() / 60
+
+
+def _out_of_time(search: dict, spec: dict) -> bool:
+    """No new trial once the time budget is spent (a trial already running is finished and counted)."""
+    return spec.get("minutes") is not None and _elapsed_minutes(search) >= spec["minutes"]
+
+
+def _time_note(search: dict, spec: dict) -> str:
+    return (f"The time budget of {spec['minutes']:g} minutes ran out; this is the best of what was measured."
+            if _out_of_time(search, spec) else "")
 
 
 def _finish(db, search_id: str, status: str, spec: dict, trials: list[dict], failure: str = "") -> str:

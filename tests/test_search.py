@@ -85,6 +85,14 @@ def test_two_rates_at_once_give_a_pareto_front_from_an_optuna_study_in_the_data_
     assert [s["method"] for s in run["recipe"]["steps"]] == ["prune.structured", "prune.magnitude"]
 
 
+def test_a_time_budget_stops_new_trials_and_keeps_the_best_measured(prepared_db):
+    started = api.start_search(prepared_db, "digits-cnn", {}, RATE, 100.0, 7, minutes=0.02)  # 1.2 s
+    found = api.wait_for_search(prepared_db, started["id"])  # the first trial takes longer than that
+    assert found["status"] == "succeeded" and len(found["trials"]) == 1
+    assert found["outcome"]["sentence"].startswith("The time budget of 0.02 minutes ran out")
+    assert found["outcome"]["best"]["rate"] == 0.95  # within 100 points even at the top of the range
+
+
 def test_the_search_command_prints_the_trials_and_the_answer(prepared_home):
     done = run_cli("search", "--model", "digits-cnn", "--rate", RATE, "--max-drop", "1", "--budget", "3", "--wait",
                    home=prepared_home, timeout=300)
