@@ -32,14 +32,19 @@ def show(found_id: str) -> None:
         st.error("No search has this link. Check that the whole link was copied.")
         return
     spec = found["spec"]
+    portfolio = spec.get("strategy") == "portfolio"
     rates = spec.get("rates") or [spec]
     model = api.get_model(db, found["model_id"])
-    names = " and ".join(r["rate"] for r in rates)
-    st.title(f"{model['name']}: how far can {names} go?")
-    ranges = ", ".join(f"{r['param']} from {r['low']:g} to {r['high']:g} ({r['compresses']} compresses more)"
-                       for r in rates)
-    how = ("bracketing the limit" if spec.get("strategy", "bracket") == "bracket"
-           else "Optuna's TPE sampler, its study kept in the data folder")
+    if portfolio:
+        st.title(f"{model['name']}: how small can it get?")
+        ranges = f"{len(spec['candidates'])} candidate recipes ({', '.join(c['label'] for c in spec['candidates'])})"
+    else:
+        st.title(f"{model['name']}: how far can {' and '.join(r['rate'] for r in rates)} go?")
+        ranges = ", ".join(f"{r['param']} from {r['low']:g} to {r['high']:g} ({r['compresses']} compresses more)"
+                           for r in rates)
+    how = {"bracket": "bracketing the limit", "optuna": "Optuna's TPE sampler, its study kept in the data folder",
+           "portfolio": "measuring every candidate, then bracketing the rate of the most promising one"}[
+        spec.get("strategy", "bracket")]
     st.write(f"Goal: {_goal(spec)} on `{spec['recipe']['task']}`, in at most {spec['budget']} trials, over {ranges}; "
              f"by {how}. Each trial is an ordinary compress job (Jobs page).")
     outcome = found["outcome"]
@@ -62,7 +67,10 @@ def show(found_id: str) -> None:
     within = spec.get("max_drop")
     rows = []
     for index, t in enumerate(trials):
-        row = {"trial": index + 1, **{r["param"]: t["params"].get(r["rate"], t["rate"]) for r in rates},
+        settings = ({"candidate": t["candidate"], "settings": ", ".join(f"{n.split('.')[-1]} {v:g}"
+                                                                       for n, v in t["params"].items())}
+                    if portfolio else {r["param"]: t["params"].get(r["rate"], t["rate"]) for r in rates})
+        row = {"trial": index + 1, **settings,
                "status": t["status"], "score drop (points)": t.get("drop"), "× smaller": t.get("size_ratio"),
                "speed vs the original": t.get("speed_ratio"), "link": t["share_path"]}
         if within is not None:
@@ -76,16 +84,18 @@ def show(found_id: str) -> None:
         # symlog: the first trial tries the extreme (a drop of 80+ points) without flattening the
         # region around the allowed drop, where the answer is
         y = alt.Y("score drop (points):Q", title="Score drop (points)", scale=alt.Scale(type="symlog"))
-        if spec.get("goal") == "front":
+        if spec.get("goal") == "front" or portfolio:
             x = alt.X("× smaller:Q", title="× smaller (size)")
-            color = alt.Color("trial:O", legend=None)
+            color = (alt.Color("candidate:N", legend=alt.Legend(title=None, orient="bottom")) if portfolio
+                     else alt.Color("trial:O", legend=None))
         else:
             x = alt.X(f"{x_rate['param']}:Q", title=f"{x_rate['param']} (more compression to the right)",
                       scale=alt.Scale(reverse=x_rate["compresses"] == "lower", zero=False, nice=False, padding=12))
             color = alt.Color("verdict:N", scale=alt.Scale(domain=["within the goal", "over the allowed drop"],
                                                            range=["#2ca02c", "#d62728"]),
                               legend=alt.Legend(title=None, orient="bottom"))
-        tooltip = ["trial", *[f"{r['param']}:Q" for r in rates], alt.Tooltip("score drop (points):Q", format=".2f"),
+        tooltip = ["trial", *(["candidate", "settings"] if portfolio else [f"{r['param']}:Q" for r in rates]),
+                   alt.Tooltip("score drop (points):Q", format=".2f"),
                    alt.Tooltip("× smaller:Q", format=".2f"), alt.Tooltip("speed vs the original:Q", format=".2f")]
         points_layer = alt.Chart(measured).mark_point(filled=True, size=120).encode(x=x, y=y, color=color,
                                                                                    tooltip=tooltip, href="link")
@@ -135,9 +145,10 @@ if not rates:
     st.info("None of the settings the search can move applies to this model.")
     st.stop()
 with st.form("start-search"):
-    chosen = st.multiselect("Settings to push", list(rates), default=list(rates)[:1],
-                            format_func=lambda n: f"{n} — {rates[n]['help']}",
-                            help="One setting is bracketed in a few trials; several at once are searched with Optuna.")
+    chosen = st.multiselect("Settings to push (leave empty to let the search choose the methods)", list(rates),
+                            default=list(rates)[:1], format_func=lambda n: f"{n} — {rates[n]['help']}",
+                            help="One setting is bracketed in a few trials; several at once are searched with Optuna; "
+                                 "none: a portfolio of methods is measured first, then the best one is refined.")
     task = st.selectbox("Score it on", model["tasks"], format_func=lambda t: f"{t} — {TASKS[t]['description']}")
     goal = st.radio("Goal", list(api.SEARCH_GOALS), format_func=api.SEARCH_GOALS.get, horizontal=True)
     max_drop = st.number_input("Score points you can afford to lose", min_value=0.0, max_value=100.0, value=1.0,
@@ -170,6 +181,6 @@ if earlier:
         else:
             what = "running…"
         goal_text = "front" if spec.get("goal") == "front" else f"≤ {_points(spec['max_drop'])}"
-        names = ", ".join(r["rate"] for r in spec.get("rates") or [spec])
+        names = ", ".join(r["rate"] for r in spec.get("rates") or []) or "methods chosen by the search"
         st.page_link("app_pages/search.py", query_params={"id": found["id"]},
                      label=f"{found['created_at'][:16].replace('T', ' ')} · {names} · {goal_text} · {what}")

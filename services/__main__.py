@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--recipe", default="{}", help="the base recipe (JSON/YAML file or inline JSON); the "
                         "rate's step is added first when the recipe lacks it")
     search.add_argument("--rate", action="append", help="the parameter to move, e.g. prune.structured.amount; "
-                        "repeat it to move several at once (searched with Optuna)")
+                        "repeat it to move several at once (searched with Optuna); leave it out and the search "
+                        "chooses among the methods that apply")
     search.add_argument("--goal", choices=("max-drop", "front"), default="max-drop",
                         help="max-drop: the most compression within --max-drop (default); front: the Pareto front "
                              "of score against size")
@@ -144,7 +145,9 @@ def _one_line(item: dict) -> str:
 
 def _search_lines(found: dict) -> str:
     spec = found["spec"]
-    ranges = ", ".join(f"{r['rate']} in [{r['low']:g}, {r['high']:g}]" for r in spec.get("rates", [spec]))
+    ranges = (", ".join(f"{r['rate']} in [{r['low']:g}, {r['high']:g}]" for r in spec["rates"])
+              if spec.get("rates") is not None and spec["rates"] else
+              f"{spec['rate']} in [{spec['low']:g}, {spec['high']:g}]" if spec.get("rate") else "the product's choice of methods")
     goal = (f"allowed drop {spec['max_drop']:g} points" if spec.get("goal", "max-drop") == "max-drop"
             else "goal: the Pareto front")
     lines = [f"search {found['id']}  status={found['status']}  {ranges}, {goal}, budget {spec['budget']}  "
@@ -153,6 +156,8 @@ def _search_lines(found: dict) -> str:
         measured = f"drop {trial['drop']:+.2f} points, {trial['size_ratio']:.2f}x smaller" if "drop" in trial else ""
         settings = ", ".join(f"{n.split('.')[-1]} {v:g}" for n, v in trial["params"].items()) or \
             f"{spec['param']} {trial['rate']:g}"
+        if trial.get("candidate"):
+            settings = f"{trial['candidate']}{': ' + settings if trial['params'] else ''}"
         lines.append(f"  {settings}: {trial['status']} {measured}  run={trial['run_id']}")
     if found["outcome"]:
         lines.append(found["outcome"]["sentence"])
@@ -271,8 +276,11 @@ def main(argv=None) -> int:
         if args.show:
             _print(api.get_search(db, args.show), as_json)
             return 0
-        if not args.rate or (args.max_drop is None and args.goal == "max-drop"):
-            raise UserError("search needs --rate (such as prune.structured.amount) and --max-drop (score points).")
+        if args.max_drop is None and args.goal == "max-drop":
+            raise UserError("search needs --max-drop (the score points you can afford to lose); add --rate (such as "
+                            "prune.structured.amount) to push one setting, or leave it out to let the search choose.")
+        if not args.rate and args.goal == "front":
+            raise UserError("A Pareto front needs the settings to move: add --rate (repeat it for several).")
         started = api.start_search(db, args.model, args.recipe, args.rate, args.max_drop, args.budget, args.task,
                                    goal=args.goal, minutes=args.minutes)
         found = api.wait_for_search(db, started["id"]) if args.wait else started

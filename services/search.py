@@ -41,7 +41,9 @@ def start(db, model_id: str, recipe: dict | str, rate: str | list[str], max_drop
     from services.recipes import load_recipe_text
 
     rates = rate_params()
-    names = [rate] if isinstance(rate, str) else list(rate)
+    names = [rate] if isinstance(rate, str) else list(rate or [])
+    if not names and goal == "max-drop":
+        return _start_portfolio(db, model_id, max_drop, budget, task, check_recipe, minutes)
     if not names or len(set(names)) != len(names):
         raise UserError("Name each rate to search once (--rate, repeated for several).")
     for name in names:
@@ -83,6 +85,93 @@ def start(db, model_id: str, recipe: dict | str, rate: str | list[str], max_drop
     return get(db, search_id)
 
 
+def _start_portfolio(db, model_id: str, max_drop, budget: int, task: str | None, check_recipe, minutes) -> dict:
+    """No setting named: measure a portfolio of methods first, then refine the best (search_portfolio)."""
+    from services.api import get_model
+    from services.catalog import architecture_of
+    from services.engine.methods import REGISTRY
+    from services.search_portfolio import candidates
+
+    try:
+        max_drop = float(max_drop)
+    except (TypeError, ValueError):
+        raise UserError(f"The allowed drop must be a number of score points; got {max_drop!r}.") from None
+    if not 0 <= max_drop <= 100:
+        raise UserError(f"The allowed drop must be between 0 and 100 score points; got {max_drop:g}.")
+    model = get_model(db, model_id)
+    task = task or model["tasks"][0]
+    architecture = architecture_of(model)
+    portfolio = candidates(model, task, lambda name: not REGISTRY[name].why_not(model["format"], architecture, model_id),
+                           lambda recipe: check_recipe(db, model_id, recipe))
+    if not portfolio:
+        raise UserError(f"None of the search's candidate methods applies to {model_id}; name a setting to push instead.")
+    if not isinstance(budget, int) or not len(portfolio) + 2 <= budget <= MAX_BUDGET:
+        raise UserError(f"With no setting named, the search first measures {len(portfolio)} candidate recipes, then "
+                        f"refines the best: give it a budget of {len(portfolio) + 2} to {MAX_BUDGET} trials; got {budget!r}.")
+    if minutes is not None and not 0 < float(minutes) <= 24 * 60:
+        raise UserError(f"The time budget must be between 0 and 1,440 minutes; got {minutes!r}.")
+    spec = {"recipe": {"task": task, "steps": []}, "rate": None, "method": None, "param": "setting", "low": None,
+            "high": None, "compresses": "higher", "rates": [], "goal": "max-drop", "strategy": "portfolio",
+            "candidates": portfolio, "max_drop": max_drop, "budget": budget,
+            "minutes": None if minutes is None else float(minutes)}
+    search_id = q.new_id()
+    db.execute("INSERT INTO searches (id, model_id, spec, status, created_at) VALUES (?, ?, ?, 'running', ?)",
+               [search_id, model_id, json.dumps(spec), q.utcnow()])
+    advance(db, search_id, check_recipe)
+    return get(db, search_id)
+
+
+def _advance_portfolio(db, search: dict, spec: dict, trials: list[dict], check_recipe) -> str:
+    from services import search_portfolio as portfolio
+
+    if any(t["status"] in q.ACTIVE for t in trials):
+        return "running"
+
+    def queue(recipe: dict, phase: int, candidate: str, values: dict) -> None:
+        recipe = check_recipe(db, search["model_id"], recipe)
+        recipe["name"] = f"search {search['id'][:6]}, trial {len(trials) + 1 + queued[0]}: {candidate}"
+        queued[0] += 1
+        q.enqueue(db, "compress", search["model_id"],
+                  {"recipe": recipe, "run_id": q.new_id(), "search_rate": next(iter(values.values()), 0.0),
+                   "search_params": values, "phase": phase, "candidate": candidate}, search_id=search["id"])
+
+    queued = [0]
+    rates = rate_params()
+    if not trials:  # phase 1: every candidate at once
+        for candidate in spec["candidates"]:
+            found = portfolio.rate_of(candidate["recipe"], rates)
+            queue(candidate["recipe"], 1, candidate["label"], {found["rate"]: found["value"]} if found else {})
+        return "running"
+    done = lambda outcome: _store(db, search["id"], "succeeded", outcome)  # noqa: E731
+    if len(trials) >= spec["budget"] or _out_of_time(search, spec):
+        return done(portfolio.conclude(trials, spec["max_drop"]))
+    seed = portfolio.to_refine([t for t in trials if t.get("phase") == 1], spec["max_drop"], rates)
+    if seed is None:
+        return done(portfolio.conclude(trials, spec["max_drop"]))
+    rate = portfolio.rate_of(seed["recipe"], rates)
+    sign = -1 if rate["compresses"] == "lower" else 1
+    low, high = sorted((sign * rate["low"], sign * rate["high"]))
+    line = [seed] + [t for t in trials if t.get("phase") == 2]
+    measured = [Trial(sign * t["params"][rate["rate"]], t["drop"]) for t in line if "drop" in t]
+    following = next_rate(measured, low, high, spec["max_drop"], RESOLUTION_SHARE * (high - low))
+    if following is None:
+        return done(portfolio.conclude(trials, spec["max_drop"]))
+    value = round(sign * following, 4)
+    try:
+        queue(_with_rate(seed["recipe"], rate, value), 2, seed["candidate"], {rate["rate"]: value})
+    except UserError as problem:
+        return done({**portfolio.conclude(trials, spec["max_drop"]),
+                     "sentence": f"The refinement was refused ({problem}). "
+                                 + portfolio.conclude(trials, spec["max_drop"])["sentence"]})
+    return "running"
+
+
+def _store(db, search_id: str, status: str, outcome: dict) -> str:
+    db.execute("UPDATE searches SET status = ?, outcome = ?, finished_at = ? WHERE id = ?",
+               [status, json.dumps(outcome), q.utcnow(), search_id])
+    return status
+
+
 def _with_rate(recipe: dict, spec: dict, value: float) -> dict:
     steps = [dict(step, params={**step.get("params", {}), spec["param"]: value})
              if step.get("method") == spec["method"] else step for step in recipe["steps"]]
@@ -111,6 +200,7 @@ def trials_of(db, search_id: str) -> list[dict]:
         payload = json.loads(row["payload"])
         trial = {"job_id": row["job_id"], "status": row["status"], "error": row["error"], "rate": payload["search_rate"],
                  "params": payload.get("search_params") or {}, "optuna_trial": payload.get("optuna_trial"),
+                 "phase": payload.get("phase"), "candidate": payload.get("candidate"), "recipe": payload["recipe"],
                  "run_id": payload["run_id"], "share_path": f"/result?id={payload['run_id']}"}
         if row["metrics"]:
             metrics, baseline = json.loads(row["metrics"]), json.loads(row["baseline"])
@@ -134,6 +224,8 @@ def advance(db, search_id: str, check_recipe=None) -> str:
         trials = trials_of(db, search_id)
         if spec.get("strategy") == "optuna":
             return _advance_optuna(db, search, spec, trials, check_recipe)
+        if spec.get("strategy") == "portfolio":
+            return _advance_portfolio(db, search, spec, trials, check_recipe)
         if any(t["status"] in q.ACTIVE for t in trials):
             return "running"
         broken = next((t for t in trials if t["status"] != "succeeded"), None)

@@ -65,6 +65,7 @@ def next_rate(trials: list[Trial], low: float, high: float, max_drop: float, res
     # f(rate) <= 0 passes. The low end counts as a pass with no drop (the mildest setting, usually
     # the untouched model) until it is measured.
     a, fa, b, fb, retained = low, _distance(0.0, max_drop), None, None, 0
+    plateau = False  # the last trial measured exactly what its end of the bracket had: a flat step
     for trial in trials:
         f = _distance(trial.drop, max_drop)
         if b is None:
@@ -81,6 +82,7 @@ def next_rate(trials: list[Trial], low: float, high: float, max_drop: float, res
             continue  # outside the bracket: measured and kept, but noise cannot widen the bracket
         # Illinois: when the same end survives twice, halve its value, so a curved drop (flat, then
         # steep, as pruning's is) cannot pin the secant to one side.
+        plateau = f == (fb if f > 0 else fa)
         if f > 0:
             b, fb = trial.rate, f
             fa, retained = (fa / 2, retained) if retained == -1 else (fa, -1)
@@ -97,6 +99,10 @@ def next_rate(trials: list[Trial], low: float, high: float, max_drop: float, res
     guess = (a * fb - b * fa) / (fb - fa)
     margin = (b - a) * MARGIN
     guess = min(max(guess, a + margin), b - margin)
+    if plateau:
+        # Pruning removes whole channels: several rates give the very same model, and the secant,
+        # seeing no change, would creep along the step. Halve the bracket instead.
+        guess = (a + b) / 2
     if round(guess, 9) in tried:
         guess = (a + b) / 2
     return None if round(guess, 9) in tried else guess

@@ -508,3 +508,16 @@ def test_search_page_starts_a_search_and_its_link_shows_the_trials_and_the_answe
     assert len(shared.dataframe[0].value) == 3
     missing = open_page("app_pages/search.py", id="nope")
     assert "No search has this link" in texts(missing.error)[0]
+
+    # no setting named: the search chooses among the methods
+    chosen = open_page("app_pages/search.py", model="digits-cnn")
+    chosen.multiselect[0].set_value([])
+    chosen.slider[0].set_value(7)
+    chosen.button[0].click().run()
+    assert not chosen.exception, [e.value for e in chosen.exception]
+    portfolio = api.get_search(prepared_db, chosen.query_params["id"] if isinstance(chosen.query_params["id"], str)
+                               else chosen.query_params["id"][0])
+    assert portfolio["spec"]["strategy"] == "portfolio" and len(portfolio["trials"]) == 5  # the candidates, queued
+    page = open_page("app_pages/search.py", id=portfolio["id"])
+    assert page.title[0].value.endswith("how small can it get?")
+    assert list(page.dataframe[0].value["candidate"])[:2] == ["int8 weights", "structured pruning"]

@@ -85,6 +85,22 @@ def test_two_rates_at_once_give_a_pareto_front_from_an_optuna_study_in_the_data_
     assert [s["method"] for s in run["recipe"]["steps"]] == ["prune.structured", "prune.magnitude"]
 
 
+def test_a_goal_alone_measures_a_portfolio_then_refines_the_most_promising(prepared_db):
+    found = api.wait_for_search(prepared_db, api.start_search(prepared_db, "digits-cnn", {}, None, 1.0, 8)["id"])
+    assert found["status"] == "succeeded" and found["spec"]["strategy"] == "portfolio"
+    first = [t for t in found["trials"] if t["phase"] == 1]
+    assert [t["candidate"] for t in first] == ["int8 weights", "structured pruning", "structured pruning, then int8",
+                                               "magnitude pruning, then int8", "low-rank factorization"]
+    refined = [t for t in found["trials"] if t["phase"] == 2]
+    assert refined and len({t["candidate"] for t in refined}) == 1 and len(found["trials"]) <= 8
+    best = found["outcome"]["best"]
+    feasible = [t for t in found["trials"] if t["drop"] <= 1.0]
+    assert best["drop"] <= 1.0 and best["size_ratio"] == max(t["size_ratio"] for t in feasible)
+    assert "smaller" in found["outcome"]["sentence"] and "The best of another kind" in found["outcome"]["sentence"]
+    with pytest.raises(UserError, match="first measures 5 candidate recipes"):
+        api.start_search(prepared_db, "digits-cnn", {}, None, 1.0, 4)
+
+
 def test_a_time_budget_stops_new_trials_and_keeps_the_best_measured(prepared_db):
     started = api.start_search(prepared_db, "digits-cnn", {}, RATE, 100.0, 7, minutes=0.02)  # 1.2 s
     found = api.wait_for_search(prepared_db, started["id"])  # the first trial takes longer than that
@@ -102,4 +118,4 @@ def test_the_search_command_prints_the_trials_and_the_answer(prepared_home):
     assert lines[1].startswith("  amount 0.95: succeeded drop +")
     assert "loses" in lines[-1] and "smaller" in lines[-1]
     refused = run_cli("search", "--model", "digits-cnn", "--rate", "prune.structured.amount", home=prepared_home)
-    assert refused.returncode == 2 and "needs --rate" in refused.stderr and "Traceback" not in refused.stderr
+    assert refused.returncode == 2 and "needs --max-drop" in refused.stderr and "Traceback" not in refused.stderr
