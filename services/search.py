@@ -52,16 +52,10 @@ def start(db, model_id: str, recipe: dict | str, rate: str | list[str], max_drop
     if goal not in GOALS:
         raise UserError(f"The goal must be one of {', '.join(GOALS)}; got {goal!r}.")
     if goal == "max-drop" or max_drop is not None:
-        try:
-            max_drop = float(max_drop)
-        except (TypeError, ValueError):
-            raise UserError(f"The allowed drop must be a number of score points; got {max_drop!r}.") from None
-        if not 0 <= max_drop <= 100:
-            raise UserError(f"The allowed drop must be between 0 and 100 score points; got {max_drop:g}.")
+        max_drop = _allowed_drop(max_drop)
     if not isinstance(budget, int) or not 2 <= budget <= MAX_BUDGET:
         raise UserError(f"The trial budget must be a whole number from 2 to {MAX_BUDGET}; got {budget!r}.")
-    if minutes is not None and not 0 < float(minutes) <= 24 * 60:
-        raise UserError(f"The time budget must be between 0 and 1,440 minutes; got {minutes!r}.")
+    _check_minutes(minutes)
     chosen = [{"rate": name, **rates[name]} for name in names]
     base = load_recipe_text(recipe) if isinstance(recipe, str) else dict(recipe or {})
     steps = [dict(step) for step in base.get("steps", [])]
@@ -85,6 +79,21 @@ def start(db, model_id: str, recipe: dict | str, rate: str | list[str], max_drop
     return get(db, search_id)
 
 
+def _allowed_drop(max_drop) -> float:
+    try:
+        max_drop = float(max_drop)
+    except (TypeError, ValueError):
+        raise UserError(f"The allowed drop must be a number of score points; got {max_drop!r}.") from None
+    if not 0 <= max_drop <= 100:
+        raise UserError(f"The allowed drop must be between 0 and 100 score points; got {max_drop:g}.")
+    return max_drop
+
+
+def _check_minutes(minutes) -> None:
+    if minutes is not None and not 0 < float(minutes) <= 24 * 60:
+        raise UserError(f"The time budget must be between 0 and 1,440 minutes; got {minutes!r}.")
+
+
 def _start_portfolio(db, model_id: str, max_drop, budget: int, task: str | None, check_recipe, minutes) -> dict:
     """No setting named: measure a portfolio of methods first, then refine the best (search_portfolio)."""
     from services.api import get_model
@@ -92,12 +101,7 @@ def _start_portfolio(db, model_id: str, max_drop, budget: int, task: str | None,
     from services.engine.methods import REGISTRY
     from services.search_portfolio import candidates
 
-    try:
-        max_drop = float(max_drop)
-    except (TypeError, ValueError):
-        raise UserError(f"The allowed drop must be a number of score points; got {max_drop!r}.") from None
-    if not 0 <= max_drop <= 100:
-        raise UserError(f"The allowed drop must be between 0 and 100 score points; got {max_drop:g}.")
+    max_drop = _allowed_drop(max_drop)
     model = get_model(db, model_id)
     task = task or model["tasks"][0]
     architecture = architecture_of(model)
@@ -108,8 +112,7 @@ def _start_portfolio(db, model_id: str, max_drop, budget: int, task: str | None,
     if not isinstance(budget, int) or not len(portfolio) + 2 <= budget <= MAX_BUDGET:
         raise UserError(f"With no setting named, the search first measures {len(portfolio)} candidate recipes, then "
                         f"refines the best: give it a budget of {len(portfolio) + 2} to {MAX_BUDGET} trials; got {budget!r}.")
-    if minutes is not None and not 0 < float(minutes) <= 24 * 60:
-        raise UserError(f"The time budget must be between 0 and 1,440 minutes; got {minutes!r}.")
+    _check_minutes(minutes)
     spec = {"recipe": {"task": task, "steps": []}, "rate": None, "method": None, "param": "setting", "low": None,
             "high": None, "compresses": "higher", "rates": [], "goal": "max-drop", "strategy": "portfolio",
             "candidates": portfolio, "max_drop": max_drop, "budget": budget,
