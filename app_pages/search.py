@@ -34,6 +34,9 @@ def show(found_id: str) -> None:
     spec = found["spec"]
     portfolio = spec.get("strategy") == "portfolio"
     rates = spec.get("rates") or [spec]
+    # a column per setting, by its short name unless two share it (prune.structured.amount, prune.magnitude.amount)
+    shorts = [r["param"] for r in rates]
+    column = {r["rate"]: (r["rate"] if shorts.count(r["param"]) > 1 else r["param"]) for r in rates}
     model = api.get_model(db, found["model_id"])
     if portfolio:
         st.title(f"{model['name']}: how small can it get?")
@@ -69,7 +72,7 @@ def show(found_id: str) -> None:
     for index, t in enumerate(trials):
         settings = ({"candidate": t["candidate"], "settings": ", ".join(f"{n.split('.')[-1]} {v:g}"
                                                                        for n, v in t["params"].items())}
-                    if portfolio else {r["param"]: t["params"].get(r["rate"], t["rate"]) for r in rates})
+                    if portfolio else {column[r["rate"]]: t["params"].get(r["rate"], t["rate"]) for r in rates})
         row = {"trial": index + 1, **settings,
                "status": t["status"], "score drop (points)": t.get("drop"), "× smaller": t.get("size_ratio"),
                "speed vs the original": t.get("speed_ratio"), "link": t["share_path"]}
@@ -89,12 +92,12 @@ def show(found_id: str) -> None:
             color = (alt.Color("candidate:N", legend=alt.Legend(title=None, orient="bottom")) if portfolio
                      else alt.Color("trial:O", legend=None))
         else:
-            x = alt.X(f"{x_rate['param']}:Q", title=f"{x_rate['param']} (more compression to the right)",
+            x = alt.X(f"{column[x_rate['rate']]}:Q", title=f"{column[x_rate['rate']]} (more compression to the right)",
                       scale=alt.Scale(reverse=x_rate["compresses"] == "lower", zero=False, nice=False, padding=12))
             color = alt.Color("verdict:N", scale=alt.Scale(domain=["within the goal", "over the allowed drop"],
                                                            range=["#2ca02c", "#d62728"]),
                               legend=alt.Legend(title=None, orient="bottom"))
-        tooltip = ["trial", *(["candidate", "settings"] if portfolio else [f"{r['param']}:Q" for r in rates]),
+        tooltip = ["trial", *(["candidate", "settings"] if portfolio else [f"{column[r['rate']]}:Q" for r in rates]),
                    alt.Tooltip("score drop (points):Q", format=".2f"),
                    alt.Tooltip("× smaller:Q", format=".2f"), alt.Tooltip("speed vs the original:Q", format=".2f")]
         points_layer = alt.Chart(measured).mark_point(filled=True, size=120).encode(x=x, y=y, color=color,

@@ -104,7 +104,9 @@ def publish(files: dict[str, bytes], repo_id: str, token: str, scratch: Path, en
         try:
             hub = HfApi(endpoint=endpoint, token=token)
             url = hub.create_repo(repo_id, repo_type="model", exist_ok=True)
-            hub.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload from Compression Explorer")
+            # an earlier upload's files (another run's tokenizer.json) must not stay beside this model
+            hub.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload from Compression Explorer",
+                              delete_patterns=["*.onnx", "*.json", "README.md"])
         except Exception as error:  # noqa: BLE001 - network, auth and Hub errors all come back as one sentence
             raise UserError(f"Could not publish to the Hugging Face Hub ({type(error).__name__}: {str(error)[:200]}). "
                             "Without a network (or with a token that cannot write there), download the Hub folder "

@@ -57,6 +57,9 @@ def start(db, model_id: str, recipe: dict | str, rate: str | list[str], max_drop
         raise UserError(f"The trial budget must be a whole number from 2 to {MAX_BUDGET}; got {budget!r}.")
     _check_minutes(minutes)
     chosen = [{"rate": name, **rates[name]} for name in names]
+    if (goal == "front" or len(chosen) > 1) and any(r["method"] == "sequence.pool" for r in chosen):
+        raise UserError("sequence.pool changes time, not size, and the front and several-settings searches weigh "
+                        "size: search sequence.pool.rate alone, for the most shortening within the allowed drop.")
     base = load_recipe_text(recipe) if isinstance(recipe, str) else dict(recipe or {})
     steps = [dict(step) for step in base.get("steps", [])]
     for spec_rate in reversed(chosen):
@@ -131,7 +134,7 @@ def _advance_portfolio(db, search: dict, spec: dict, trials: list[dict], check_r
         return "running"
 
     def queue(recipe: dict, phase: int, candidate: str, values: dict) -> None:
-        recipe = check_recipe(db, search["model_id"], recipe)
+        recipe = check_recipe(db, search["model_id"], recipe)  # UserError: the caller ends the search
         recipe["name"] = f"search {search['id'][:6]}, trial {len(trials) + 1 + queued[0]}: {candidate}"
         queued[0] += 1
         q.enqueue(db, "compress", search["model_id"],
@@ -140,12 +143,22 @@ def _advance_portfolio(db, search: dict, spec: dict, trials: list[dict], check_r
 
     queued = [0]
     rates = rate_params()
-    if not trials:  # phase 1: every candidate at once
-        for candidate in spec["candidates"]:
-            found = portfolio.rate_of(candidate["recipe"], rates)
-            queue(candidate["recipe"], 1, candidate["label"], {found["rate"]: found["value"]} if found else {})
-        return "running"
     done = lambda outcome: _store(db, search["id"], "succeeded", outcome)  # noqa: E731
+    if not trials:  # phase 1: every candidate at once
+        try:
+            for candidate in spec["candidates"]:
+                found = portfolio.rate_of(candidate["recipe"], rates)
+                queue(candidate["recipe"], 1, candidate["label"], {found["rate"]: found["value"]} if found else {})
+        except UserError as problem:
+            return _store(db, search["id"], "failed", {"sentence": f"A candidate was refused ({problem}); the search "
+                                                                   "stopped.", "best": None, "trials": 0})
+        return "running"
+    broken = [t for t in trials if t.get("phase") == 2 and t["status"] != "succeeded"]
+    if broken:  # a refinement trial failed or was cancelled: stop here with what was measured
+        outcome = portfolio.conclude(trials, spec["max_drop"])
+        outcome["sentence"] = (f"A refinement trial did not finish ({broken[0]['error'] or broken[0]['status']}); "
+                               f"the search stopped. {outcome['sentence']}")
+        return done(outcome)
     if len(trials) >= spec["budget"] or _out_of_time(search, spec):
         return done(portfolio.conclude(trials, spec["max_drop"]))
     seed = portfolio.to_refine([t for t in trials if t.get("phase") == 1], spec["max_drop"], rates)
@@ -159,7 +172,7 @@ def _advance_portfolio(db, search: dict, spec: dict, trials: list[dict], check_r
     following = next_rate(measured, low, high, spec["max_drop"], RESOLUTION_SHARE * (high - low))
     if following is None:
         return done(portfolio.conclude(trials, spec["max_drop"]))
-    value = round(sign * following, 4)
+    value = round(sign * following, 6)  # finer than the bracket's margins (2 % of >= 0.002 of the range)
     try:
         queue(_with_rate(seed["recipe"], rate, value), 2, seed["candidate"], {rate["rate"]: value})
     except UserError as problem:
@@ -243,7 +256,7 @@ def advance(db, search_id: str, check_recipe=None) -> str:
             rate = next_rate(measured, low, high, spec["max_drop"], RESOLUTION_SHARE * (high - low))
         if rate is None:
             return _finish(db, search_id, "succeeded", spec, trials, _time_note(search, spec))
-        value = round(sign * rate, 4)
+        value = round(sign * rate, 6)  # finer than the bracket's margins (2 % of >= 0.002 of the range)
         try:
             recipe = check_recipe(db, search["model_id"], _with_rate(spec["recipe"], spec, value))
         except UserError as problem:  # the model or a scan changed since the search began
@@ -265,19 +278,22 @@ def _advance_optuna(db, search: dict, spec: dict, trials: list[dict], check_reci
     active = sum(t["status"] in q.ACTIVE for t in trials)
     # One trial per live worker at a time: trials run in parallel when several workers run.
     parallel = max(1, len(q.live_workers(db)))
-    if active >= parallel or (active and len(trials) >= spec["budget"]):
-        return "running"
+    if active >= parallel or (active and (len(trials) >= spec["budget"] or _out_of_time(search, spec))):
+        return "running"  # a running trial is finished and counted before the search concludes
     if len(trials) >= spec["budget"] or _out_of_time(search, spec):
         outcome = search_optuna.conclude(study, spec, trials)
         outcome["sentence"] = " ".join(filter(None, [_time_note(search, spec), outcome["sentence"]]))
-        db.execute("UPDATE searches SET status = 'succeeded', outcome = ?, finished_at = ? WHERE id = ?",
-                   [json.dumps(outcome), q.utcnow(), search["id"]])
-        return "succeeded"
+        return _store(db, search["id"], "succeeded", outcome)
     number, values = search_optuna.ask(study, spec)
     try:
         recipe = check_recipe(db, search["model_id"], _with_rates(spec["recipe"], spec["rates"], values))
-    except UserError as problem:
-        return _finish(db, search["id"], "failed", spec, trials, f"The next trial was refused: {problem}")
+    except UserError as problem:  # the model or a scan changed since the search began
+        from optuna.trial import TrialState
+
+        study.tell(number, state=TrialState.FAIL)
+        outcome = search_optuna.conclude(study, spec, trials)
+        outcome["sentence"] = f"The next trial was refused: {problem} {outcome['sentence']}"
+        return _store(db, search["id"], "failed", outcome)
     recipe["name"] = f"search {search['id'][:6]}, trial {len(trials) + 1}"
     run_id = q.new_id()
     q.enqueue(db, "compress", search["model_id"], {"recipe": recipe, "run_id": run_id, "search_rate": values[spec["rate"]],
@@ -349,5 +365,10 @@ def list_searches(db, model_id: str | None = None) -> list[dict]:
 
 def advance_all(db) -> None:
     """Move every running search whose trials have all ended (after a restart, or a lost call)."""
+    import logging
+
     for row in list(db.query("SELECT id FROM searches WHERE status = 'running'")):
-        advance(db, row["id"])
+        try:
+            advance(db, row["id"])
+        except Exception:  # noqa: BLE001 - one broken search must not keep the others from moving on
+            logging.getLogger("explorer.search").exception("advancing search %s", row["id"])

@@ -74,7 +74,7 @@ def tell_finished(study, spec: dict, trials: list[dict]) -> None:
 
 def ask(study, spec: dict) -> tuple[int, dict]:
     trial = study.ask(distributions(spec))
-    return trial.number, {name: round(value, 4) for name, value in trial.params.items()}
+    return trial.number, {name: round(value, 6) for name, value in trial.params.items()}
 
 
 def conclude(study, spec: dict, trials: list[dict]) -> dict:
@@ -108,4 +108,7 @@ def conclude(study, spec: dict, trials: list[dict]) -> dict:
 
 
 def _settings(trial: dict) -> str:
-    return ", ".join(f"{name.split('.')[-1]} {value:.4g}" for name, value in trial["params"].items())
+    """'amount 0.41, energy 0.9'; the full name where two settings share a short one."""
+    short = [name.split(".")[-1] for name in trial["params"]]
+    return ", ".join(f"{name if short.count(name.split('.')[-1]) > 1 else name.split('.')[-1]} {value:.4g}"
+                     for name, value in trial["params"].items())

@@ -19,11 +19,16 @@ def export_onnx(model: torch.nn.Module, adapter: ModelAdapter, path: Path,
     warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     # dynamo=False: the TorchScript exporter handles these models in a fraction of a second,
     # while torch 2.13's dynamo exporter needs onnxscript and failed on a dynamic batch here.
+    axes = adapter.dynamic_axes
+    if getattr(model, "merge_rate", 1.0) > 1.0:
+        # Token merging fixes its token counts for the traced length (64, what the tokenizer pads to):
+        # only the batch stays free, so a longer input is refused instead of losing tokens silently.
+        axes = {name: {0: dims[0]} for name, dims in axes.items() if 0 in dims}
     with torch.no_grad():
         torch.onnx.export(
             model, example_inputs or adapter.example_inputs(), str(path), dynamo=False, opset_version=17,
             input_names=list(adapter.input_names), output_names=list(adapter.output_names),
-            dynamic_axes=adapter.dynamic_axes,
+            dynamic_axes=axes,
         )
     if len(list(model.named_parameters(remove_duplicate=False))) > len(list(model.named_parameters())):
         _read_shared_weights_directly(path)  # share.layers: one module runs at several places
