@@ -43,9 +43,9 @@ def show(found_id: str) -> None:
         ranges = f"{len(spec['candidates'])} candidate recipes ({', '.join(c['label'] for c in spec['candidates'])})"
     else:
         st.title(f"{model['name']}: how far can {' and '.join(r['rate'] for r in rates)} go?")
-        ranges = ", ".join(f"{r['param']} from {r['low']:g} to {r['high']:g} ({r['compresses']} compresses more)"
+        ranges = ", ".join(f"{column[r['rate']]} from {r['low']:g} to {r['high']:g} ({r['compresses']} compresses more)"
                            for r in rates)
-    how = {"bracket": "bracketing the limit", "optuna": "Optuna's TPE sampler, its study kept in the data folder",
+    how = {"bracket": "bracketing the limit", "optuna": "Optuna's sampler (it resumes after a restart)",
            "portfolio": "measuring every candidate, then bracketing the rate of the most promising one"}[
         spec.get("strategy", "bracket")]
     st.write(f"Goal: {_goal(spec)} on `{spec['recipe']['task']}`, in at most {spec['budget']} trials, over {ranges}; "
@@ -58,60 +58,67 @@ def show(found_id: str) -> None:
             st.page_link("app_pages/result.py", label="Open the recommended run", icon=":material/star:",
                          query_params={"id": outcome["best"]["run_id"]})
         for trial in outcome.get("front") or []:
-            settings = ", ".join(f"{n.split('.')[-1]} {v:.4g}" for n, v in trial["params"].items())
+            settings = ", ".join(f"{column.get(n, n)} {v:.4g}" for n, v in trial["params"].items())
             st.page_link("app_pages/result.py", icon=":material/timeline:", query_params={"id": trial["run_id"]},
                          label=f"On the front: {settings}: {trial['size_ratio']:.2f}× smaller, "
-                               f"{trial['score_name']} {100 * trial['score']:.2f}% ({-trial['drop']:+.2f} points)")
+                               f"{trial['score_name']} {100 * trial['score']:.2f}% ({api.score_change_words(-trial['drop'])})")
     else:
         st.info(f"Searching: {len(found['trials'])} trial(s) so far. This page fills in as trials finish.")
     trials = found["trials"]
     if not trials:
         return
     within = spec.get("max_drop")
+    front_runs = {t["run_id"] for t in (outcome or {}).get("front") or []}
     rows = []
     for index, t in enumerate(trials):
-        settings = ({"candidate": t["candidate"], "settings": ", ".join(f"{n.split('.')[-1]} {v:g}"
+        settings = ({"candidate": t["candidate"], "settings": ", ".join(f"{n.split('.')[-1]} {v:.4g}"
                                                                        for n, v in t["params"].items())}
                     if portfolio else {column[r["rate"]]: t["params"].get(r["rate"], t["rate"]) for r in rates})
-        row = {"trial": index + 1, **settings,
-               "status": t["status"], "score drop (points)": t.get("drop"), "× smaller": t.get("size_ratio"),
-               "speed vs the original": t.get("speed_ratio"), "link": t["share_path"]}
         if within is not None:
-            row["verdict"] = ("" if "drop" not in t else
-                              "within the goal" if t["drop"] <= within else "over the allowed drop")
+            verdict = "" if "drop" not in t else "within the goal" if t["drop"] <= within else "over the allowed drop"
+        else:
+            verdict = "on the front" if t["run_id"] in front_runs else ("" if "drop" not in t else "not on the front")
+        row = {"trial": index + 1, "verdict": verdict, **settings, "score drop (points)": t.get("drop"),
+               "× smaller": t.get("size_ratio"), "speed vs the original": t.get("speed_ratio"), "status": t["status"],
+               "link": t["share_path"]}
         rows.append(row)
     frame = pd.DataFrame(rows)
     measured = frame.dropna(subset=["score drop (points)"])
     x_rate = rates[0]
     if len(measured):
-        # symlog: the first trial tries the extreme (a drop of 80+ points) without flattening the
-        # region around the allowed drop, where the answer is
-        y = alt.Y("score drop (points):Q", title="Score drop (points)", scale=alt.Scale(type="symlog"))
+        # The first trial often tries the extreme (a drop of 80+ points); the answer lies near the
+        # allowed drop. Drops beyond the cap are drawn on the top edge (the tooltip has the value).
+        cap = max(5.0, 4 * (within or 1.0))
+        measured = measured.assign(shown=measured["score drop (points)"].clip(upper=cap))
+        y = alt.Y("shown:Q", title="Score drop (points)",
+                  scale=alt.Scale(domain=[min(0.0, float(measured["shown"].min())), cap], nice=False))
+        verdicts = (["within the goal", "over the allowed drop"] if within is not None
+                    else ["on the front", "not on the front"])
+        color = alt.Color("verdict:N", scale=alt.Scale(domain=verdicts, range=["#2ca02c", "#d62728"]),
+                          legend=alt.Legend(title=None, orient="bottom", labelLimit=300))
         if spec.get("goal") == "front" or portfolio:
-            x = alt.X("× smaller:Q", title="× smaller (size)")
-            color = (alt.Color("candidate:N", legend=alt.Legend(title=None, orient="bottom")) if portfolio
-                     else alt.Color("trial:O", legend=None))
+            x = alt.X("× smaller:Q", title="× smaller (size)", scale=alt.Scale(zero=False, padding=12))
         else:
             x = alt.X(f"{column[x_rate['rate']]}:Q", title=f"{column[x_rate['rate']]} (more compression to the right)",
                       scale=alt.Scale(reverse=x_rate["compresses"] == "lower", zero=False, nice=False, padding=12))
-            color = alt.Color("verdict:N", scale=alt.Scale(domain=["within the goal", "over the allowed drop"],
-                                                           range=["#2ca02c", "#d62728"]),
-                              legend=alt.Legend(title=None, orient="bottom"))
         tooltip = ["trial", *(["candidate", "settings"] if portfolio else [f"{column[r['rate']]}:Q" for r in rates]),
                    alt.Tooltip("score drop (points):Q", format=".2f"),
                    alt.Tooltip("× smaller:Q", format=".2f"), alt.Tooltip("speed vs the original:Q", format=".2f")]
         points_layer = alt.Chart(measured).mark_point(filled=True, size=120).encode(x=x, y=y, color=color,
                                                                                    tooltip=tooltip, href="link")
-        labels = alt.Chart(measured).mark_text(dy=-12, fontSize=11).encode(x=x, y=y, text="trial:Q")
-        layers = points_layer + labels
+        layers = points_layer
+        if not (spec.get("goal") == "front" or portfolio):  # numbered in order; elsewhere points bunch up
+            layers += alt.Chart(measured).mark_text(dy=-12, fontSize=11).encode(x=x, y=y, text="trial:Q")
         if within is not None:
             layers += alt.Chart(pd.DataFrame({"y": [within]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y")
         st.altair_chart(layers.properties(height=320), width="stretch")
-        st.caption("Each point is one trial, numbered in the order the search chose it"
-                   + ("; the dashed line is the allowed drop" if within is not None else "")
-                   + ". The drop axis stretches small drops and squeezes large ones. Click a point to open its run.")
+        st.caption("Each point is one trial" + ("" if portfolio or within is None else
+                                                ", numbered in the order the search chose it")
+                   + (f"; the dashed line is the allowed drop ({within:g})" if within is not None else "")
+                   + f"; drops over {cap:g} points are drawn on the top edge"
+                   + ". Hover for the details; click a point to open its run.")
     st.dataframe(frame, hide_index=True, width="stretch",
-                 column_config={"link": st.column_config.LinkColumn("run", display_text="open"),
+                 column_config={"link": st.column_config.LinkColumn("run", display_text="open", width="small"),
                                 "score drop (points)": st.column_config.NumberColumn(format="%.2f"),
                                 "× smaller": st.column_config.NumberColumn(format="%.2f×"),
                                 "speed vs the original": st.column_config.NumberColumn(
@@ -130,8 +137,8 @@ if search_id:
     st.stop()
 
 st.title("Search")
-st.write("Say what you can afford to lose; the search finds how far one compression setting can go, measuring "
-         "a few settings instead of a whole grid (each one an ordinary job), and recommends the best it measured.")
+st.write("Say what you can afford to lose; the search finds how far compression can go, measuring a few "
+         "settings instead of a whole grid (each one an ordinary job), and recommends the best it measured.")
 worker_banner(db)
 models = [m for m in api.list_models(db) if m["status"] == "ready"]
 if not models:
@@ -148,8 +155,9 @@ if not rates:
     st.info("None of the settings the search can move applies to this model.")
     st.stop()
 with st.form("start-search"):
+    preferred = [n for n in ("prune.structured.amount", "sequence.pool.rate") if n in rates][:1] or list(rates)[:1]
     chosen = st.multiselect("Settings to push (leave empty to let the search choose the methods)", list(rates),
-                            default=list(rates)[:1], format_func=lambda n: f"{n} — {rates[n]['help']}",
+                            default=preferred, format_func=lambda n: f"{n} — {rates[n]['help']}",
                             help="One setting is bracketed in a few trials; several at once are searched with Optuna; "
                                  "none: a portfolio of methods is measured first, then the best one is refined.")
     task = st.selectbox("Score it on", model["tasks"], format_func=lambda t: f"{t} — {TASKS[t]['description']}")
@@ -178,7 +186,7 @@ if earlier:
         spec, outcome = found["spec"], found["outcome"]
         best = (outcome or {}).get("best")
         if best:
-            what = f"best {best['size_ratio']:.2f}× smaller ({-best['drop']:+.2f} points)"
+            what = f"best {best['size_ratio']:.2f}× smaller, {api.score_change_words(-best['drop'])}"
         elif outcome:
             what = f"{len(outcome.get('front') or [])} run(s) on the front" if outcome.get("front") else "no answer"
         else:
@@ -186,4 +194,4 @@ if earlier:
         goal_text = "front" if spec.get("goal") == "front" else f"≤ {_points(spec['max_drop'])}"
         names = ", ".join(r["rate"] for r in spec.get("rates") or []) or "methods chosen by the search"
         st.page_link("app_pages/search.py", query_params={"id": found["id"]},
-                     label=f"{found['created_at'][:16].replace('T', ' ')} · {names} · {goal_text} · {what}")
+                     label=f"{found['created_at'][:16].replace('T', ' ')} UTC · {names} · {goal_text} · {what}")

@@ -349,6 +349,12 @@ SEARCH_GOALS = {"max-drop": "the most compression within the allowed drop",
                 "front": "the Pareto front (score against size)"}
 
 
+def score_change_words(change_points: float) -> str:
+    from services.search import points
+
+    return points(change_points)
+
+
 def get_search(db, search_id: str) -> dict:
     from services import search
 

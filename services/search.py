@@ -341,9 +341,14 @@ def _finish(db, search_id: str, status: str, spec: dict, trials: list[dict], fai
 
 
 def points(change: float) -> str:
-    """'+0.37 points', '-1.11 points', '+0.00 points' (never '-0.00')."""
-    text = f"{change:+.2f}"
-    return ("+0.00" if text == "-0.00" else text) + " points"
+    """A score change in words: '0.37 points below the original', 'as good as the original'."""
+    if abs(change) < 0.005:
+        return "as good as the original"
+    return f"{abs(change):.2f} point{'' if abs(change) == 1 else 's'} {'above' if change > 0 else 'below'} the original"
+
+
+def point_count(value: float) -> str:
+    return f"{value:g} point{'' if value == 1 else 's'}"
 
 
 def get(db, search_id: str) -> dict:

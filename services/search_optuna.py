@@ -79,7 +79,7 @@ def ask(study, spec: dict) -> tuple[int, dict]:
 
 def conclude(study, spec: dict, trials: list[dict]) -> dict:
     """The outcome: for a front, its runs from the smallest to the best scoring; else the best feasible."""
-    from services.search import points
+    from services.search import point_count, points
 
     measured = [t for t in trials if "drop" in t]
     if spec["goal"] == "front":
@@ -102,7 +102,7 @@ def conclude(study, spec: dict, trials: list[dict]) -> dict:
                     f"({_settings(mildest)}), over the allowed {spec['max_drop']:g}.")
         return {"sentence": sentence, "best": None, "trials": len(measured)}
     best = max(feasible, key=lambda t: t["size_ratio"])
-    return {"sentence": f"{_settings(best)} loses {best['drop']:.2f} points (allowed {spec['max_drop']:g}) and is "
+    return {"sentence": f"{_settings(best)} loses {best['drop']:.2f} points (allowed: {point_count(spec['max_drop'])}) and is "
                         f"{best['size_ratio']:.2f}× smaller, the most of {len(feasible)} trials within the goal "
                         f"({len(measured)} trials).", "best": best, "trials": len(measured)}
 

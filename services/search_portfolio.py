@@ -55,30 +55,30 @@ def to_refine(portfolio: list[dict], max_drop: float, rates: dict) -> dict | Non
     return min(with_rate, key=lambda t: t["drop"]) if with_rate else None
 
 
-def describe(recipe: dict) -> str:
-    parts = []
-    for step in recipe["steps"]:
-        shown = ", ".join(f"{k} {v:.3g}" for k, v in step["params"].items() if isinstance(v, float))
-        parts.append(f"{step['method']} ({shown})" if shown else step["method"])
-    return " → ".join(parts)
+def describe(trial: dict) -> str:
+    """'structured pruning, then int8 (amount 0.347)': the candidate's name and its rate."""
+    settings = ", ".join(f"{name.split('.')[-1]} {value:.3g}" for name, value in trial["params"].items())
+    return f"{trial['candidate']} ({settings})" if settings else trial["candidate"]
 
 
 def conclude(trials: list[dict], max_drop: float) -> dict:
+    from services.search import point_count
+
     measured = [t for t in trials if "drop" in t]
     feasible = [t for t in measured if t["drop"] <= max_drop]
     if not feasible:
         mildest = min(measured, key=lambda t: t["drop"]) if measured else None
         sentence = ("No trial finished." if mildest is None else
-                    f"No candidate meets the goal: the mildest, {describe(mildest['recipe'])}, loses "
-                    f"{mildest['drop']:.1f} points, over the allowed {max_drop:g}.")
+                    f"No candidate meets the goal: the mildest, {describe(mildest)}, loses "
+                    f"{mildest['drop']:.1f} points, over the allowed {point_count(max_drop)}.")
         return {"sentence": sentence, "best": None, "trials": len(measured)}
     best = max(feasible, key=lambda t: t["size_ratio"])
-    sentence = f"{describe(best['recipe'])}: {_effect(best)}."
+    sentence = f"Recommended: {describe(best)}, {_effect(best)}."
     others = [t for t in feasible if t["candidate"] != best["candidate"]]
     if others:
         runner = max(others, key=lambda t: t["size_ratio"])
-        sentence += f" The best of another kind, {runner['candidate']}, was {_effect(runner)}."
-    return {"sentence": sentence + f" ({len(measured)} trials, allowed drop {max_drop:g} points.)",
+        sentence += f" The best of another kind, {describe(runner)}, was {_effect(runner)}."
+    return {"sentence": sentence + f" ({len(measured)} trials; allowed drop {point_count(max_drop)}.)",
             "best": best, "trials": len(measured)}
 
 

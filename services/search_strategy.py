@@ -144,7 +144,8 @@ def conclude(trials: list[Trial], max_drop: float, budget_left: int, name: str =
     else:
         how = f"the limit lies between {ends[0]:.4g} and {ends[1]:.4g}"
     return Outcome(best, len(trials), f"{name.capitalize()} {show(best.rate):.4g} loses {best.drop:.2f} points "
-                                      f"(allowed {max_drop:g}); {how} ({len(trials)} trials).")
+                                      f"(allowed: {max_drop:g} point{'' if max_drop == 1 else 's'}); {how} "
+                                      f"({len(trials)} trials).")
 
 
 def search(measure, low: float, high: float, max_drop: float, budget: int, resolution: float,
