@@ -22,6 +22,10 @@ def _points(value: float) -> str:
 def _goal(spec: dict) -> str:
     if spec.get("goal") == "front":
         return "the Pareto front of score against size"
+    if spec.get("goal") == "size":
+        return f"the best score with an ONNX file of at most **{spec['max_mb']:g} MB**"
+    if spec.get("goal") == "speed":
+        return f"the best score at least **{spec['min_speedup']:g}× faster** at batch 1"
     return f"the most compression with a score drop of at most **{_points(spec['max_drop'])}**"
 
 
@@ -74,7 +78,11 @@ def show(found_id: str) -> None:
         settings = ({"candidate": t["candidate"], "settings": ", ".join(f"{n.split('.')[-1]} {v:.4g}"
                                                                        for n, v in t["params"].items())}
                     if portfolio else {column[r["rate"]]: t["params"].get(r["rate"], t["rate"]) for r in rates})
-        if within is not None:
+        if spec.get("goal") in ("size", "speed"):
+            over = ("drop" in t) and (t["size_bytes"] / 1e6 > spec["max_mb"] if spec["goal"] == "size"
+                                      else t["speed_ratio"] < spec["min_speedup"])
+            verdict = "" if "drop" not in t else "over the budget" if over else "within the budget"
+        elif within is not None:
             verdict = "" if "drop" not in t else "within the goal" if t["drop"] <= within else "over the allowed drop"
         else:
             verdict = "on the front" if t["run_id"] in front_runs else ("" if "drop" not in t else "not on the front")
@@ -92,11 +100,12 @@ def show(found_id: str) -> None:
         measured = measured.assign(shown=measured["score drop (points)"].clip(upper=cap))
         y = alt.Y("shown:Q", title="Score drop (points)",
                   scale=alt.Scale(domain=[min(0.0, float(measured["shown"].min())), cap], nice=False))
-        verdicts = (["within the goal", "over the allowed drop"] if within is not None
+        verdicts = (["within the budget", "over the budget"] if spec.get("goal") in ("size", "speed")
+                    else ["within the goal", "over the allowed drop"] if within is not None
                     else ["on the front", "not on the front"])
         color = alt.Color("verdict:N", scale=alt.Scale(domain=verdicts, range=["#2ca02c", "#d62728"]),
                           legend=alt.Legend(title=None, orient="bottom", labelLimit=300))
-        if spec.get("goal") == "front" or portfolio:
+        if spec.get("goal") in ("front", "size", "speed") or portfolio:
             x = alt.X("× smaller:Q", title="× smaller (size)", scale=alt.Scale(zero=False, padding=12))
         else:
             x = alt.X(f"{column[x_rate['rate']]}:Q", title=f"{column[x_rate['rate']]} (more compression to the right)",
@@ -164,7 +173,12 @@ with st.form("start-search"):
     goal = st.radio("Goal", list(api.SEARCH_GOALS), format_func=api.SEARCH_GOALS.get, horizontal=True)
     max_drop = st.number_input("Score points you can afford to lose", min_value=0.0, max_value=100.0, value=1.0,
                                step=0.5, help="The search never recommends a setting whose measured drop is larger. "
-                                              "With the front as the goal, it is not used.")
+                                              "Used by the first goal only.")
+    size_col, speed_col = st.columns(2)
+    max_mb = size_col.number_input("Size budget (MB), for the size goal", min_value=0.001, value=1.0, step=0.5,
+                                   format="%.3f")
+    min_speedup = speed_col.number_input("Speed-up wanted (×), for the speed goal", min_value=1.05, value=2.0,
+                                         step=0.25)
     budget = st.slider("Trials at most", 2, 15, 7, help="Each trial is one compress job; about 7 find the limit "
                        "of one setting within a few per cent of a 20-point grid.")
     minutes = st.number_input("Minutes at most (0: no time limit)", min_value=0.0, max_value=1440.0, value=0.0,
@@ -172,7 +186,9 @@ with st.form("start-search"):
     if st.form_submit_button("Start the search", type="primary"):
         try:
             started = api.start_search(db, model_id, {}, chosen, max_drop if goal == "max-drop" else None, budget,
-                                       task, goal=goal, minutes=minutes or None)
+                                       task, goal=goal, minutes=minutes or None,
+                                       max_mb=max_mb if goal == "size" else None,
+                                       min_speedup=min_speedup if goal == "speed" else None)
         except UserError as problem:
             st.error(str(problem))
         else:

@@ -60,9 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--rate", action="append", help="the parameter to move, e.g. prune.structured.amount; "
                         "repeat it to move several at once (searched with Optuna); leave it out and the search "
                         "chooses among the methods that apply")
-    search.add_argument("--goal", choices=("max-drop", "front"), default="max-drop",
+    search.add_argument("--goal", choices=("max-drop", "front", "size", "speed"), default="max-drop",
                         help="max-drop: the most compression within --max-drop (default); front: the Pareto front "
-                             "of score against size")
+                             "of score against size; size: the best score under --max-mb; speed: the best score "
+                             "at least --min-speedup times faster")
+    search.add_argument("--max-mb", type=float, help="with --goal size: the largest ONNX file accepted, in MB")
+    search.add_argument("--min-speedup", type=float, help="with --goal speed: how many times faster at batch 1")
     search.add_argument("--max-drop", type=float, help="score points the result may lose")
     search.add_argument("--budget", type=int, default=7, help="trials at most (default 7)")
     search.add_argument("--minutes", type=float, help="a time budget: no new trial after it (the best measured wins)")
@@ -148,8 +151,9 @@ def _search_lines(found: dict) -> str:
     ranges = (", ".join(f"{r['rate']} in [{r['low']:g}, {r['high']:g}]" for r in spec["rates"])
               if spec.get("rates") is not None and spec["rates"] else
               f"{spec['rate']} in [{spec['low']:g}, {spec['high']:g}]" if spec.get("rate") else "the product's choice of methods")
-    goal = (f"allowed drop {spec['max_drop']:g} points" if spec.get("goal", "max-drop") == "max-drop"
-            else "goal: the Pareto front")
+    goal = {"max-drop": f"allowed drop {spec.get('max_drop')} points", "front": "goal: the Pareto front",
+            "size": f"goal: the best score under {spec.get('max_mb')} MB",
+            "speed": f"goal: the best score at {spec.get('min_speedup')}x faster"}[spec.get("goal", "max-drop")]
     lines = [f"search {found['id']}  status={found['status']}  {ranges}, {goal}, budget {spec['budget']}  "
              f"share_path={found['share_path']}"]
     for trial in found["trials"]:
@@ -279,10 +283,11 @@ def main(argv=None) -> int:
         if args.max_drop is None and args.goal == "max-drop":
             raise UserError("search needs --max-drop (the score points you can afford to lose); add --rate (such as "
                             "prune.structured.amount) to push one setting, or leave it out to let the search choose.")
-        if not args.rate and args.goal == "front":
-            raise UserError("A Pareto front needs the settings to move: add --rate (repeat it for several).")
+        if not args.rate and args.goal != "max-drop":
+            raise UserError(f"A {args.goal} goal needs the settings to move: add --rate (repeat it for several).")
         started = api.start_search(db, args.model, args.recipe, args.rate, args.max_drop, args.budget, args.task,
-                                   goal=args.goal, minutes=args.minutes)
+                                   goal=args.goal, minutes=args.minutes, max_mb=args.max_mb,
+                                   min_speedup=args.min_speedup)
         found = api.wait_for_search(db, started["id"]) if args.wait else started
         _print(found if as_json else _search_lines(found), as_json)
         if args.wait and found["status"] != "succeeded":

@@ -338,15 +338,18 @@ def submit_rate_sweep(db, model_id: str, rates=SWEEP_RATES, tasks: list[str] | N
 # ---- rate searches (services/search.py): trials are compress jobs -------------------------
 
 def start_search(db, model_id: str, recipe, rate: str | list[str], max_drop: float | None, budget: int,
-                 task: str | None = None, goal: str = "max-drop", minutes: float | None = None) -> dict:
+                 task: str | None = None, goal: str = "max-drop", minutes: float | None = None,
+                 max_mb: float | None = None, min_speedup: float | None = None) -> dict:
     from services import search
 
     return search.start(db, model_id, recipe, rate, max_drop, budget, task=task, check_recipe=check_recipe,
-                        goal=goal, minutes=minutes)
+                        goal=goal, minutes=minutes, max_mb=max_mb, min_speedup=min_speedup)
 
 
 SEARCH_GOALS = {"max-drop": "the most compression within the allowed drop",
-                "front": "the Pareto front (score against size)"}
+                "front": "the Pareto front (score against size)",
+                "size": "the best score under a size",
+                "speed": "the best score at a speed-up"}
 
 
 def score_change_words(change_points: float) -> str:

@@ -31,11 +31,14 @@ def rate_params() -> dict[str, dict]:
 
 
 GOALS = {"max-drop": "the most compression within an allowed score drop",
-         "front": "the whole Pareto front of score against size"}
+         "front": "the whole Pareto front of score against size",
+         "size": "the best score within a size budget (MB)",
+         "speed": "the best score at least so many times faster"}
 
 
 def start(db, model_id: str, recipe: dict | str, rate: str | list[str], max_drop: float | None, budget: int,
-          task: str | None = None, check_recipe=None, goal: str = "max-drop", minutes: float | None = None) -> dict:
+          task: str | None = None, check_recipe=None, goal: str = "max-drop", minutes: float | None = None,
+          max_mb: float | None = None, min_speedup: float | None = None) -> dict:
     """Validate the goal, store the search and queue its first trial. One rate with goal max-drop is
     bracketed (services/search_strategy.py); several rates, or a front, go to Optuna."""
     from services.recipes import load_recipe_text
@@ -51,13 +54,20 @@ def start(db, model_id: str, recipe: dict | str, rate: str | list[str], max_drop
             raise UserError(f"--rate must name a compression rate, one of {', '.join(sorted(rates))}; got {name!r}.")
     if goal not in GOALS:
         raise UserError(f"The goal must be one of {', '.join(GOALS)}; got {goal!r}.")
+    if goal == "size" and not (isinstance(max_mb, (int, float)) and max_mb > 0):
+        raise UserError(f"A size goal needs the largest size you accept, in MB (more than 0); got {max_mb!r}.")
+    if goal == "speed" and not (isinstance(min_speedup, (int, float)) and min_speedup > 1):
+        raise UserError(f"A speed goal needs how many times faster than the original (more than 1); got {min_speedup!r}.")
+    if goal == "size" and any(rates[n]["method"] == "sequence.pool" for n in names):
+        raise UserError("sequence.pool changes time, not size: give it a speed goal instead.")
     if goal == "max-drop" or max_drop is not None:
         max_drop = _allowed_drop(max_drop)
     if not isinstance(budget, int) or not 2 <= budget <= MAX_BUDGET:
         raise UserError(f"The trial budget must be a whole number from 2 to {MAX_BUDGET}; got {budget!r}.")
     _check_minutes(minutes)
     chosen = [{"rate": name, **rates[name]} for name in names]
-    if (goal == "front" or len(chosen) > 1) and any(r["method"] == "sequence.pool" for r in chosen):
+    if (goal == "front" or (goal == "max-drop" and len(chosen) > 1)) and any(r["method"] == "sequence.pool"
+                                                                             for r in chosen):
         raise UserError("sequence.pool changes time, not size, and the front and several-settings searches weigh "
                         "size: search sequence.pool.rate alone, for the most shortening within the allowed drop.")
     base = load_recipe_text(recipe) if isinstance(recipe, str) else dict(recipe or {})
@@ -74,7 +84,8 @@ def start(db, model_id: str, recipe: dict | str, rate: str | list[str], max_drop
             "param": first["param"], "low": first["low"], "high": first["high"], "compresses": first["compresses"],
             "rates": [{k: r[k] for k in ("rate", "method", "param", "low", "high", "compresses")} for r in chosen],
             "goal": goal, "strategy": "bracket" if goal == "max-drop" and len(chosen) == 1 else "optuna",
-            "max_drop": max_drop, "budget": budget, "minutes": None if minutes is None else float(minutes)}
+            "max_drop": max_drop, "budget": budget, "minutes": None if minutes is None else float(minutes),
+            "max_mb": max_mb, "min_speedup": min_speedup}
     search_id = q.new_id()
     db.execute("INSERT INTO searches (id, model_id, spec, status, created_at) VALUES (?, ?, ?, 'running', ?)",
                [search_id, model_id, json.dumps(spec), q.utcnow()])

@@ -33,10 +33,10 @@ def _study(home: Path, search_id: str, spec: dict):
     if spec["goal"] == "front":
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
         directions = ["maximize", "minimize"]  # score, size in bytes
-    else:
+    else:  # one objective under a constraint: size ratio within the drop, or score within a size/speed budget
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
                                              constraints_func=lambda trial: [trial.user_attrs["over_budget"]])
-        directions = ["maximize"]  # size ratio
+        directions = ["maximize"]
     return optuna.create_study(study_name=search_id, storage=storage, sampler=sampler, directions=directions,
                                load_if_exists=True)
 
@@ -66,10 +66,19 @@ def tell_finished(study, spec: dict, trials: list[dict]) -> None:
             continue
         if spec["goal"] == "front":
             study.tell(number, [trial["score"], trial["size_bytes"]])
-        else:
-            live = optuna.trial.Trial(study, open_numbers[number]._trial_id)
-            live.set_user_attr("over_budget", trial["drop"] - spec["max_drop"])
-            study.tell(number, trial["size_ratio"])
+            continue
+        live = optuna.trial.Trial(study, open_numbers[number]._trial_id)
+        live.set_user_attr("over_budget", over_budget(spec, trial))
+        study.tell(number, trial["size_ratio"] if spec["goal"] == "max-drop" else trial["score"])
+
+
+def over_budget(spec: dict, trial: dict) -> float:
+    """How far a trial is past the goal's limit (<= 0: within it)."""
+    if spec["goal"] == "size":
+        return trial["size_bytes"] / 1e6 - spec["max_mb"]
+    if spec["goal"] == "speed":
+        return spec["min_speedup"] - trial["speed_ratio"]
+    return trial["drop"] - spec["max_drop"]
 
 
 def ask(study, spec: dict) -> tuple[int, dict]:
@@ -94,6 +103,8 @@ def conclude(study, spec: dict, trials: list[dict]) -> dict:
                     "score among the trials at most its size." if len(front) > 1 else
                     f"One trial beats all others on both score and size: {ends.split(' to ')[0]}.")
         return {"sentence": sentence, "best": None, "front": front, "trials": len(measured)}
+    if spec["goal"] in ("size", "speed"):
+        return _best_within_budget(spec, measured)
     feasible = [t for t in measured if t["drop"] <= spec["max_drop"]]
     if not feasible:
         mildest = min(measured, key=lambda t: t["drop"]) if measured else None
@@ -104,6 +115,25 @@ def conclude(study, spec: dict, trials: list[dict]) -> dict:
     best = max(feasible, key=lambda t: t["size_ratio"])
     return {"sentence": f"{_settings(best)} loses {best['drop']:.2f} points (allowed: {point_count(spec['max_drop'])}) and is "
                         f"{best['size_ratio']:.2f}× smaller, the most of {len(feasible)} trials within the goal "
+                        f"({len(measured)} trials).", "best": best, "trials": len(measured)}
+
+
+def _best_within_budget(spec: dict, measured: list[dict]) -> dict:
+    from services.search import points
+
+    limit = (f"at most {spec['max_mb']:g} MB" if spec["goal"] == "size"
+             else f"at least {spec['min_speedup']:g}× faster at batch 1")
+    feasible = [t for t in measured if over_budget(spec, t) <= 0]
+    if not feasible:
+        closest = min(measured, key=lambda t: over_budget(spec, t)) if measured else None
+        sentence = ("No trial finished." if closest is None else
+                    f"No setting tried is {limit}: the closest, {_settings(closest)}, is "
+                    f"{closest['size_bytes'] / 1e6:.2f} MB and {closest['speed_ratio']:.2f}× as fast.")
+        return {"sentence": sentence, "best": None, "trials": len(measured)}
+    best = max(feasible, key=lambda t: t["score"])
+    return {"sentence": f"{_settings(best)} scores best among the {len(feasible)} trial(s) {limit}: "
+                        f"{best['score_name']} {100 * best['score']:.2f}% ({points(-best['drop'])}), "
+                        f"{best['size_bytes'] / 1e6:.2f} MB, {best['speed_ratio']:.2f}× as fast "
                         f"({len(measured)} trials).", "best": best, "trials": len(measured)}
 
 

@@ -101,6 +101,22 @@ def test_a_goal_alone_measures_a_portfolio_then_refines_the_most_promising(prepa
         api.start_search(prepared_db, "digits-cnn", {}, None, 1.0, 4)
 
 
+def test_a_size_budget_gives_the_best_score_that_fits(prepared_db):
+    found = api.wait_for_search(prepared_db, api.start_search(prepared_db, "digits-cnn", {}, RATE, None, 4,
+                                                              goal="size", max_mb=0.04)["id"])
+    assert found["status"] == "succeeded" and found["spec"]["strategy"] == "optuna"
+    fits = [t for t in found["trials"] if t["size_bytes"] <= 40_000]
+    best = found["outcome"]["best"]
+    if fits:
+        assert best["score"] == max(t["score"] for t in fits) and "scores best" in found["outcome"]["sentence"]
+    else:
+        assert best is None and found["outcome"]["sentence"].startswith("No setting tried is at most 0.04 MB")
+    with pytest.raises(UserError, match="largest size you accept"):
+        api.start_search(prepared_db, "digits-cnn", {}, RATE, None, 4, goal="size")
+    with pytest.raises(UserError, match="more than 1"):
+        api.start_search(prepared_db, "digits-cnn", {}, RATE, None, 4, goal="speed", min_speedup=0.5)
+
+
 def test_a_time_budget_stops_new_trials_and_keeps_the_best_measured(prepared_db):
     started = api.start_search(prepared_db, "digits-cnn", {}, RATE, 100.0, 7, minutes=0.02)  # 1.2 s
     found = api.wait_for_search(prepared_db, started["id"])  # the first trial takes longer than that
