@@ -29,12 +29,14 @@ def _goal(spec: dict) -> str:
     return f"the most compression with a score drop of at most **{_points(spec['max_drop'])}**"
 
 
-def show(found_id: str) -> None:
+def show(found_id: str, refreshing: bool = False) -> None:
     try:
         found = api.get_search(db, found_id)
     except UserError:
         st.error("No search has this link. Check that the whole link was copied.")
         return
+    if refreshing and found["status"] != "running":
+        st.rerun()  # the search just ended: redraw the whole page once, without the timer
     spec = found["spec"]
     portfolio = spec.get("strategy") == "portfolio"
     rates = spec.get("rates") or [spec]
@@ -141,7 +143,7 @@ if search_id:
         running = False
     if running:
         worker_banner(db)
-    st.fragment(run_every=2.0 if running else None)(show)(search_id)
+    st.fragment(run_every=2.0 if running else None)(show)(search_id, refreshing=running)
     st.page_link("app_pages/search.py", label="Start another search", icon=":material/search:")
     st.stop()
 
