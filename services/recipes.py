@@ -41,14 +41,6 @@ RECOVERY_PARAMS = (
 
 MAX_RECIPE_BYTES = 64 * 1024
 
-# (earlier, later): why `later` cannot follow `earlier` in one recipe
-ORDER_RULES = {
-    ("vocab.trim", "distill.student"): "the student learns from the original's answers to the original token ids, "
-                                       "which a trimmed vocabulary no longer has; put distill.student before "
-                                       "vocab.trim",
-}
-
-
 class _NoAliasLoader(yaml.SafeLoader):
     """YAML without anchors and aliases: a few hundred bytes of nested aliases expand to gigabytes."""
 
@@ -205,10 +197,6 @@ def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
                             f"or keep one quantization step.", field=f"steps.{index}.method")
         if method.quantizes:
             quantized_by = (index, name)
-        for earlier in {s["method"] for s in clean_steps}:
-            if (earlier, name) in ORDER_RULES:
-                raise UserError(f"Step {index + 1} ({name}) cannot follow {earlier}: {ORDER_RULES[(earlier, name)]}.",
-                                field=f"steps.{index}.method")
         params = step.get("params") or {}
         if not isinstance(params, dict):
             raise UserError(f"Step {index + 1} ({name}): 'params' must be an object.", field=f"steps.{index}")
@@ -222,6 +210,7 @@ def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
         if problem:
             raise UserError(f"Step {index + 1} ({name}): {problem}", field=f"steps.{index}.method")
         clean_steps.append({"method": name, "params": clean})
+    _check_trained_grid(clean_steps)
     recovery = recipe.get("recovery") or {"objective": "none"}
     if not isinstance(recovery, dict):
         raise UserError("'recovery' must be an object such as {\"objective\": \"none\"}.", field="recovery")
@@ -243,6 +232,29 @@ def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
             raise UserError("The recipe's 'name' must be text.", field="name")
         out["name"] = recipe["name"][:100]
     return out
+
+
+def _check_trained_grid(steps: list[dict]) -> None:
+    """A student trained for 4-bit weights is only worth it if a later quantize.int4_weights step stores
+    them on the same grid (same blocks, embeddings too where it was trained with them)."""
+    for index, step in enumerate(steps):
+        trained_for = step["params"].get("train_for", "float") if step["method"] == "distill.student" else "float"
+        if trained_for == "float":
+            continue
+        later = [s["params"] for s in steps[index + 1:] if s["method"] == "quantize.int4_weights"]
+        if not later:
+            raise UserError(f"Step {index + 1} (distill.student) trains for {trained_for}, which only helps when a "
+                            f"later quantize.int4_weights step stores them: add that step, or set train_for to float.",
+                            field=f"steps.{index}.train_for")
+        block = step["params"]["block_size"]
+        if later[0]["block_size"] != block:
+            raise UserError(f"Step {index + 1} (distill.student) trains for 4-bit blocks of {block} weights, but the "
+                            f"quantize.int4_weights step uses blocks of {later[0]['block_size']}; use the same size in "
+                            f"both.", field=f"steps.{index}.block_size")
+        if later[0]["symmetric"]:
+            raise UserError(f"Step {index + 1} (distill.student) trains for asymmetric 4-bit blocks (with a zero "
+                            f"point), as quantize.int4_weights stores them by default; turn its 'symmetric' off.",
+                            field=f"steps.{index}.train_for")
 
 
 def _check_recovery(recovery: dict, objective: str, steps: list[dict], model: dict, task: str) -> dict:

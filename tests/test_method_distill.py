@@ -175,11 +175,62 @@ def test_a_student_as_deep_as_the_original_is_refused(minilm, tmp_path):
                                                                                         "text-transformer"))
 
 
-def test_distilling_after_the_tokenizer_was_rebuilt_is_refused(minilm, tmp_path):
+def test_after_vocab_trim_the_student_reads_its_own_ids_and_learns_from_the_full_vocabulary(minilm, tmp_path):
+    """Mixed-vocabulary distillation: the teacher is the untouched original (full vocabulary, original ids),
+    the student is the trimmed model, fed the trimmed tokenizer's ids of the same texts."""
+    from services.engine.families import minilm as family
+
+    net = copy.deepcopy(minilm.teacher)
     context = _context(tmp_path, MINILM, "text-transformer")
-    context.tokenizer_file = tmp_path / "tokenizer.json"
-    with pytest.raises(UserError, match="must come before vocab.trim"):
-        METHOD.apply(copy.deepcopy(minilm.teacher), _params(MINILM), context)
+    context.load_original = lambda: copy.deepcopy(minilm.teacher)
+    trim = validate_recipe({"steps": [{"method": "vocab.trim", "params": {"unseen": "pieces"}}]}, MINILM,
+                           ["pydoc-retrieval"])["steps"][0]["params"]
+    REGISTRY["vocab.trim"].apply(net, trim, context)
+    rows = net.bert.embeddings.word_embeddings.num_embeddings
+    own = family.encode(pydoc_retrieval.eval_set().extra["texts"][:96], context.tokenizer_file)  # scored ones
+    untrained = copy.deepcopy(net)
+    distill_student.drop_layers(untrained, 3)
+    before = tasks.fidelity(_embed(untrained, own), minilm.reference, "embedding")["fidelity"]
+    words_before = net.bert.embeddings.word_embeddings.weight.detach().clone()
+
+    METHOD.apply(net, _params(MINILM, layers=3, steps=12, batch_size=8, lr=1e-3, extra_text=False), context)
+    assert len(net.bert.encoder.layer) == 3
+    assert net.bert.embeddings.word_embeddings.num_embeddings == rows  # still the trimmed table ...
+    assert not torch.equal(net.bert.embeddings.word_embeddings.weight, words_before)  # ... which learned
+    after = tasks.fidelity(_embed(net, own), minilm.reference, "embedding")["fidelity"]
+    assert after > before + 0.05, (before, after)  # the training, not only the kept layers
+    assert "mixed-vocabulary distillation" in context.notes[-1]
+
+
+def test_a_student_trained_for_4_bit_weights_loses_nothing_more_when_stored_in_4_bits(digits, tmp_path):
+    from services.engine.int4_training import fake_quantize
+
+    recipe = {"steps": [{"method": "distill.student", "params": {"width": 0.5, "steps": 30, "lr": 2e-3,
+                                                                 "train_for": "4-bit weights", "block_size": 16}},
+                        {"method": "quantize.int4_weights", "params": {"block_size": 16}}]}
+    recipe = validate_recipe(recipe, digits.model, ["digits", "fidelity"])
+    net = pipeline._load_torch_model(digits.store, "digits-cnn")
+    context = _context(tmp_path, digits.model, "cnn")
+    METHOD.apply(net, recipe["steps"][0]["params"], context)
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(torch.allclose(fake_quantize(m.weight, 16, False), m.weight, atol=1e-6) for m in linears)
+    assert not any("parametrizations" in name for name, _ in net.named_parameters())
+    assert "already lie on the 4-bit grid" in context.notes[-1]
+
+    # Stored in 4 bits by ONNX Runtime's quantizer, the trained student answers as it did in float;
+    # a student trained in float moves further when stored the same way.
+    images = tasks.eval_set("digits", "digits-cnn").inputs
+    float_trained = pipeline._load_torch_model(digits.store, "digits-cnn")
+    METHOD.apply(float_trained, {**recipe["steps"][0]["params"], "train_for": "float"}, _context(tmp_path, digits.model, "cnn"))
+    moved = []
+    for name, student in (("grid", net), ("float", float_trained)):
+        exported = export_onnx(student, zoo.get_adapter("digits-cnn"), tmp_path / f"{name}.onnx")
+        REGISTRY["quantize.int4_weights"].apply(exported, tmp_path / f"{name}-int4.onnx", recipe["steps"][1]["params"],
+                                                 _context(tmp_path, digits.model, "cnn"))
+        outputs = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, images)[0]
+                   for path in (exported, tmp_path / f"{name}-int4.onnx")]
+        moved.append(float(np.abs(outputs[0] - outputs[1]).max() / np.abs(outputs[0]).max()))
+    assert moved[0] < 1e-3 and moved[1] > 10 * moved[0], moved
 
 
 def test_extra_text_never_includes_a_scored_paragraph():

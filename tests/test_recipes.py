@@ -302,10 +302,21 @@ def test_api_recipes_and_registry_import_no_torch_or_onnxruntime(tmp_path):
     assert done.stdout.strip() == ""
 
 
-def test_a_student_after_a_trimmed_vocabulary_is_refused_at_submit():
+def test_a_student_after_a_trimmed_vocabulary_is_accepted():
     minilm = {"id": "minilm-l6", "format": "torch", "task": "pydoc-retrieval"}
-    error = _error({"steps": [{"method": "vocab.trim"}, {"method": "distill.student"}]}, minilm,
-                   ["pydoc-retrieval", "fidelity"])
-    assert error.field == "steps.1.method"
-    assert "put distill.student before vocab.trim" in str(error)
-    _validate({"steps": [{"method": "distill.student"}, {"method": "vocab.trim"}]}, minilm, ["pydoc-retrieval"])
+    for order in (["vocab.trim", "distill.student"], ["distill.student", "vocab.trim"]):
+        _validate({"steps": [{"method": name} for name in order]}, minilm, ["pydoc-retrieval"])
+
+
+def test_a_student_trained_for_4_bits_needs_the_matching_4_bit_step():
+    minilm = {"id": "minilm-l6", "format": "torch", "task": "pydoc-retrieval"}
+    student = {"method": "distill.student", "params": {"train_for": "4-bit weights", "block_size": 64}}
+    error = _error({"steps": [student]}, minilm, ["pydoc-retrieval"])
+    assert error.field == "steps.0.train_for" and "add that step" in str(error)
+    error = _error({"steps": [student, {"method": "quantize.int4_weights"}]}, minilm, ["pydoc-retrieval"])
+    assert error.field == "steps.0.block_size" and "blocks of 64" in str(error) and "blocks of 32" in str(error)
+    error = _error({"steps": [student, {"method": "quantize.int4_weights",
+                                        "params": {"block_size": 64, "symmetric": True}}]}, minilm, ["pydoc-retrieval"])
+    assert "'symmetric' off" in str(error)
+    _validate({"steps": [student, {"method": "quantize.int4_weights", "params": {"block_size": 64}}]}, minilm,
+              ["pydoc-retrieval"])

@@ -36,6 +36,13 @@ class Batch:
     inputs: tuple
     labels: torch.Tensor | None = None
     mask: torch.Tensor | None = None  # (batch, positions) 1 for real tokens/frames: padding is not matched
+    # Mixed vocabularies: the same samples as the student reads them (its own token ids), when they
+    # differ from the teacher's `inputs`, and their real positions.
+    student_inputs: tuple | None = None
+    student_mask: torch.Tensor | None = None
+
+    def for_student(self) -> tuple:
+        return self.inputs if self.student_inputs is None else self.student_inputs
 
 
 @dataclass
@@ -76,6 +83,25 @@ def hidden_state_loss(projected: torch.Tensor, target: torch.Tensor, mask: torch
         weights = mask.to(target.dtype)[..., None]
         return (squared * weights).sum() / (scale * weights).sum().clamp(min=1e-12)
     return squared.mean() / scale.mean().clamp(min=1e-12)
+
+
+def masked_mean(state: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch, positions, features) -> (batch, features): the mean over real positions."""
+    if mask is None or mask.shape[:2] != state.shape[:2]:
+        return state.mean(1)
+    weights = mask.to(state.dtype)[..., None]
+    return (state * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def matched_states(student_state: torch.Tensor, teacher_state: torch.Tensor, batch: Batch):
+    """(student, teacher, mask) to compare. Token by token where both read the same positions; where
+    their tokenizers split the text differently (a trimmed vocabulary spelling a word in pieces), the
+    positions no longer correspond, so each layer is compared by its mean over the real tokens."""
+    if student_state.dim() == 3 and batch.student_inputs is not None \
+            and student_state.shape[1] != teacher_state.shape[1]:
+        return (masked_mean(student_state, batch.student_mask)[:, None],
+                masked_mean(teacher_state, batch.mask)[:, None], None)
+    return student_state, teacher_state, batch.mask if batch.student_inputs is None else batch.student_mask
 
 
 def output_loss_for(output_kind: str, temperature: float = 2.0):
@@ -184,6 +210,17 @@ def batches_from_arrays(arrays: list[np.ndarray], batch_size: int, seed: int, la
                         labels=None if labels is None else torch.from_numpy(labels[rows]))
 
 
+def paired_batches(teacher_arrays: list[np.ndarray], student_arrays: list[np.ndarray], batch_size: int, seed: int,
+                   mask_index: int) -> Iterator[Batch]:
+    """Mixed-vocabulary batches: the same texts encoded twice, by the teacher's tokenizer (`inputs`)
+    and by the student's own (`student_inputs`), each cut to its own longest real length."""
+    teacher_side = batches_from_arrays(teacher_arrays, batch_size, seed, mask_index=mask_index, trim_to_mask=True)
+    student_side = batches_from_arrays(student_arrays, batch_size, seed, mask_index=mask_index, trim_to_mask=True)
+    for teacher_batch, student_batch in zip(teacher_side, student_side):  # same seed: the same rows
+        teacher_batch.student_inputs, teacher_batch.student_mask = student_batch.inputs, student_batch.mask
+        yield teacher_batch
+
+
 # ---- the training loop -----------------------------------------------------------------------------
 
 def train(student: nn.Module, teacher: nn.Module, batches: Iterator[Batch],
@@ -224,7 +261,7 @@ def train(student: nn.Module, teacher: nn.Module, batches: Iterator[Batch],
     if hidden_pairs:  # one probe batch tells the shapes the projections must map between
         _, teacher_hidden = teacher_targets(teacher, first, teacher_names)
         with torch.no_grad(), recording(student, student_names) as student_hidden:
-            student(*first.inputs)
+            student(*first.for_student())
         projections = Projections([(s, student_hidden[s].shape, teacher_hidden[t].shape) for s, t in hidden_pairs],
                                   shared=shared_projections)
     trainable = list(parameters) if parameters is not None else [p for p in student.parameters() if p.requires_grad]
@@ -249,10 +286,10 @@ def train(student: nn.Module, teacher: nn.Module, batches: Iterator[Batch],
             before_step(step)
         teacher_out, teacher_hidden = teacher_targets(teacher, batch, teacher_names)
         with recording(student, student_names) as student_hidden:
-            student_out = student(*(student_inputs(batch) if student_inputs is not None else batch.inputs))
+            student_out = student(*(student_inputs(batch) if student_inputs is not None else batch.for_student()))
         loss = torch.zeros(()) if output_loss is None else output_loss(student_out, teacher_out, batch)
         if hidden_pairs and hidden_weight > 0:
-            matched = [hidden_state_loss(projections(s, student_hidden[s]), teacher_hidden[t], batch.mask)
+            matched = [hidden_state_loss(*matched_states(projections(s, student_hidden[s]), teacher_hidden[t], batch))
                        for s, t in hidden_pairs]
             loss = loss + hidden_weight * torch.stack(matched).mean()
         if extra_loss is not None:

@@ -48,6 +48,9 @@ class StepContext:
     tokenizer_file: Path | None = None
     notes: list = field(default_factory=list)
     extra_metrics: dict = field(default_factory=dict)  # facts a step found, stored with the run's metrics
+    # A fresh copy of the original PyTorch model, untouched by earlier steps (a student that learns
+    # from the full-vocabulary original after vocab.trim); set by compress().
+    load_original: Callable[[], torch.nn.Module] | None = None
     _fit_set: EvalSet | None = None
 
     @staticmethod
@@ -155,7 +158,8 @@ def compress(store: ArtifactStore, model: dict, recipe: dict, run_id: str, progr
     baseline_path = store.resolve(model["artifact"])
     scratch = store.scratch_dir("runs", run_id, "tmp")
     context = StepContext(model_id=model["id"], scratch=scratch, progress=progress, model=model,
-                          task=recipe["task"], home=store.home, adapter=adapter, architecture=architecture_of(model))
+                          task=recipe["task"], home=store.home, adapter=adapter, architecture=architecture_of(model),
+                          load_original=lambda: _load_torch_model(store, model["id"], adapter))
     torch_steps = [s for s in recipe["steps"] if REGISTRY[s["method"]].stage == "torch"]
     onnx_steps = [s for s in recipe["steps"] if REGISTRY[s["method"]].stage == "onnx"]
     recovery_plan = recipe.get("recovery") or {"objective": "none"}

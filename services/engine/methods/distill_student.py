@@ -17,6 +17,8 @@ from pathlib import Path
 
 from services.engine.registry import Method, Param
 
+# What the student is trained for: float weights, or the 4-bit grid of a later quantize.int4_weights step
+TRAIN_FOR = ("float", "4-bit weights", "4-bit weights and embeddings")
 # Docstring paragraphs are filtered like the pydoc task's paragraphs, so they read alike.
 MIN_PARAGRAPH_CHARS = 80
 MAX_EXTRA_PARAGRAPHS = 6000
@@ -93,16 +95,17 @@ def _distill_cnn(net, params, context) -> None:
     labels = fit.labels if isinstance(fit.labels, np.ndarray) and fit.labels.dtype.kind in "iu" else None
     output_loss = classifier_loss(params["temperature"], params["label_weight"])
     arrays = [fit.inputs[name] for name in context.adapter.input_names]
-    outcome = distill.train(
-        net, teacher, distill.batches_from_arrays(arrays, params["batch_size"], params["seed"], labels=labels),
-        output_loss, steps=params["steps"], lr=params["lr"], progress=context.progress,
-        hidden_pairs=[(name, name) for name in hidden], hidden_weight=params["hidden_weight"],
-        seed=params["seed"], describe="training the student")
+    with on_grid(net, params):
+        outcome = distill.train(
+            net, teacher, distill.batches_from_arrays(arrays, params["batch_size"], params["seed"], labels=labels),
+            output_loss, steps=params["steps"], lr=params["lr"], progress=context.progress,
+            hidden_pairs=[(name, name) for name in hidden], hidden_weight=params["hidden_weight"],
+            seed=params["seed"], describe="training the student")
     used = "labels and the original's outputs" if labels is not None else "the original's outputs"
     context.notes.append(
         f"distill.student: a student with {params['width']:g} of the channels, {_millions(_count(net))} parameters "
         f"(the original has {_millions(before)}), trained {params['steps']} steps ({outcome.seconds:.0f} s) on "
-        f"{len(arrays[0])} fitting samples with {used}; final loss {outcome.final_loss:.4f}.")
+        f"{len(arrays[0])} fitting samples with {used}; final loss {outcome.final_loss:.4f}.{grid_note(params)}")
 
 
 # ---- text transformers: fewer encoder layers, embeddings and hidden states distilled --------------
@@ -165,49 +168,91 @@ def _distill_text(net, params, context) -> None:
 
     from services.engine import distill
 
-    if context.tokenizer_file is not None:
-        raise context.user_error("distill.student must come before vocab.trim: the original model it learns from "
-                                 "reads the original tokenizer's ids. Move distill.student up in the recipe.")
     total = _check_layers(net, params, context)
     fit = context.fit_set()
     names = list(context.adapter.input_names)
     if "attention_mask" not in names:
         raise context.user_error("distill.student needs a text model that takes an attention mask.")
     texts = list(fit.extra.get("texts") or [])
-    arrays = [fit.inputs[name] for name in names]
-    described = f"{len(arrays[0])} fitting paragraphs"
+    mixed = context.tokenizer_file is not None  # vocab.trim came first: the student reads its own token ids
+    if mixed and not (texts and hasattr(context.adapter, "encode")):
+        raise context.user_error("distill.student after vocab.trim encodes the fitting texts with both tokenizers, "
+                                 "and this task has no texts to encode; put distill.student before vocab.trim.")
+    described = f"{len(texts) or len(fit.inputs[names[0]])} fitting paragraphs"
     if params["extra_text"] and texts and hasattr(context.adapter, "encode") and context.model.get("id") == "minilm-l6":
         extra = stdlib_paragraphs(exclude=frozenset(scored_texts()) | frozenset(texts))
-        encoded = context.adapter.encode(extra)
-        arrays = [np.concatenate([a, encoded[name]]) for a, name in zip(arrays, names)]
         described += f" and {len(extra)} docstring paragraphs of Python's standard library"
+        texts = texts + extra
     if fit.extra.get("overlaps_scoring"):
         described += " (your data set has no second split: the student was trained on the samples it is scored on)"
 
-    teacher = copy.deepcopy(net).eval()
-    before = _count(net)
+    if mixed:
+        # Mixed-vocabulary distillation: the teacher is the original with its full vocabulary and reads the
+        # original token ids; the student (the trimmed model's layers) reads the trimmed tokenizer's ids.
+        teacher = context.load_original().eval()
+        teacher_feed = context.adapter.encode(texts)
+        student_feed = context.adapter.encode(texts, tokenizer_file=context.tokenizer_file)
+        batches = distill.paired_batches([teacher_feed[n] for n in names], [student_feed[n] for n in names],
+                                         params["batch_size"], params["seed"], names.index("attention_mask"))
+    else:
+        teacher = copy.deepcopy(net).eval()
+        arrays = [fit.inputs[name] for name in names]
+        if len(texts) > len(arrays[0]):  # the docstrings, encoded like the fitting split
+            encoded = context.adapter.encode(texts[len(arrays[0]):])
+            arrays = [np.concatenate([a, encoded[name]]) for a, name in zip(arrays, names)]
+        batches = distill.batches_from_arrays(arrays, params["batch_size"], params["seed"],
+                                              mask_index=names.index("attention_mask"), trim_to_mask=True)
+    before = _count(teacher)
     layer_list, indices = drop_layers(net, params["layers"])
     pairs = [(f"{layer_list}.{j}", f"{layer_list}.{i}") for j, i in enumerate(indices)]
-    # The embedding tables stay the original's: a few thousand paragraphs would move only the rows of
-    # the tokens they contain, away from all the others; and skipping their gradients halves a step.
-    frozen = [p for m in net.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()]
+    # The embedding tables stay as they are: a few thousand paragraphs would move only the rows of the
+    # tokens they contain, away from all the others; and skipping their gradients halves a step. A trimmed
+    # vocabulary's word table is the exception: its rows are the tokens the counted texts use, and words
+    # it now spells in smaller pieces (or reads through a stand-in) must be learned anew.
+    word_table = None
+    if mixed:
+        from services.engine.methods.share_embedding import token_table, word_embedding
+
+        word_table = token_table(word_embedding(net)[1])
+    frozen = [p for m in net.modules() if isinstance(m, torch.nn.Embedding) and m is not word_table
+              for p in m.parameters()]
     for parameter in frozen:
         parameter.requires_grad_(False)
-    outcome = distill.train(
-        net, teacher,
-        distill.batches_from_arrays(arrays, params["batch_size"], params["seed"],
-                                    mask_index=names.index("attention_mask"), trim_to_mask=True),
-        lambda student_out, teacher_out, batch: distill.cosine_loss(student_out, teacher_out),
-        steps=params["steps"], lr=params["lr"], progress=context.progress, hidden_pairs=pairs,
-        hidden_weight=params["hidden_weight"], shared_projections=True, seed=params["seed"],
-        describe="training the student")
+    with on_grid(net, params):
+        outcome = distill.train(
+            net, teacher, batches,
+            lambda student_out, teacher_out, batch: distill.cosine_loss(student_out, teacher_out),
+            steps=params["steps"], lr=params["lr"], progress=context.progress, hidden_pairs=pairs,
+            hidden_weight=params["hidden_weight"], shared_projections=True, seed=params["seed"],
+            describe="training the student")
     for parameter in frozen:
         parameter.requires_grad_(True)
+    how = (" from the original reading its full vocabulary while the student reads the trimmed one "
+           "(mixed-vocabulary distillation)" if mixed else "")
     context.notes.append(
         f"distill.student: a student with {params['layers']} of {total} layers (the original's layers "
         f"{', '.join(str(i + 1) for i in indices)}), {_millions(_count(net))} parameters (the original has "
-        f"{_millions(before)}), trained {params['steps']} steps ({outcome.seconds:.0f} s) on {described}; final loss "
-        f"{outcome.final_loss:.4f}.")
+        f"{_millions(before)}), trained {params['steps']} steps ({outcome.seconds:.0f} s) on {described}{how}; "
+        f"final loss {outcome.final_loss:.4f}.{grid_note(params)}")
+
+
+def on_grid(net, params):
+    """Training for 4-bit weights (`train_for`), or plain float training."""
+    from contextlib import nullcontext
+
+    from services.engine.int4_training import training_on_grid
+
+    if params["train_for"] == "float":
+        return nullcontext()
+    return training_on_grid(net, int(params["block_size"]), symmetric=False,
+                            embeddings=params["train_for"] == TRAIN_FOR[2])
+
+
+def grid_note(params) -> str:
+    if params["train_for"] == "float":
+        return ""
+    return (f" Trained for {params['train_for']} (blocks of {params['block_size']}): its weights already lie on the "
+            f"4-bit grid of quantize.int4_weights.")
 
 
 @lru_cache(maxsize=1)
@@ -260,14 +305,16 @@ def _distill_speech(net, params, context) -> None:
         net.trained_rates.fill_(float(getattr(net.pool, "rate", 1.0)))
     arrays = [fit.inputs[name] for name in context.adapter.input_names]
     batches = with_frame_masks(distill.batches_from_arrays(arrays, params["batch_size"], params["seed"]))
-    outcome = distill.train(net, teacher, batches, speech_output_loss(net, params["temperature"]),
-                            steps=params["steps"], lr=params["lr"],
-                            progress=context.progress, hidden_pairs=pairs, hidden_weight=params["hidden_weight"],
-                            shared_projections=True, seed=params["seed"], describe="training the student")
+    with on_grid(net, params):
+        outcome = distill.train(net, teacher, batches, speech_output_loss(net, params["temperature"]),
+                                steps=params["steps"], lr=params["lr"],
+                                progress=context.progress, hidden_pairs=pairs, hidden_weight=params["hidden_weight"],
+                                shared_projections=True, seed=params["seed"], describe="training the student")
     context.notes.append(
         f"distill.student: a student with {params['layers']} of {total} encoder layers, {_millions(_count(net))} "
         f"parameters (the original has {_millions(before)}), trained {params['steps']} steps "
-        f"({outcome.seconds:.0f} s) on {len(arrays[0])} fitting utterances; final loss {outcome.final_loss:.4f}.")
+        f"({outcome.seconds:.0f} s) on {len(arrays[0])} fitting utterances; final loss {outcome.final_loss:.4f}."
+        f"{grid_note(params)}")
 
 
 def speech_output_loss(net, temperature: float):
@@ -340,6 +387,12 @@ METHOD = Method(
               "original's answers (0 = imitate the original only).", minimum=0.0, maximum=10.0),
         Param("extra_text", "bool", True, "MiniLM: also train on docstring paragraphs of Python's standard library "
               "(none of them is a scored paragraph); the fitting split alone is 765 paragraphs."),
+        Param("train_for", "choice", "float", "What the student's weights are trained for: 'float', or the 4-bit grid "
+              "of a later quantize.int4_weights step (its linear layers, and with 'and embeddings' its embedding "
+              "tables too), so that storing them in 4 bits loses almost nothing more (quantization-aware training).",
+              choices=TRAIN_FOR),
+        Param("block_size", "choice", 32, "With train_for 4-bit: weights per scale, the same as the later "
+              "quantize.int4_weights step's block_size.", choices=(16, 32, 64, 128)),
         Param("seed", "int", 0, "Random seed: the same recipe and seed give the same student.",
               minimum=0, maximum=2**31 - 1),
     ),
