@@ -45,7 +45,9 @@ def show(found_id: str, refreshing: bool = False) -> None:
     column = {r["rate"]: (r["rate"] if shorts.count(r["param"]) > 1 else r["param"]) for r in rates}
     model = api.get_model(db, found["model_id"])
     if portfolio:
-        st.title(f"{model['name']}: how small can it get?")
+        st.title(f"{model['name']}: " + {"size": f"the best it can do in {spec.get('max_mb')} MB",
+                                          "speed": f"the best it can do {spec.get('min_speedup')}× faster"}.get(
+            spec.get("goal"), "how small can it get?"))
         ranges = f"{len(spec['candidates'])} candidate recipes ({', '.join(c['label'] for c in spec['candidates'])})"
     else:
         st.title(f"{model['name']}: how far can {' and '.join(r['rate'] for r in rates)} go?")
@@ -88,6 +90,8 @@ def show(found_id: str, refreshing: bool = False) -> None:
             verdict = "" if "drop" not in t else "within the goal" if t["drop"] <= within else "over the allowed drop"
         else:
             verdict = "on the front" if t["run_id"] in front_runs else ("" if "drop" not in t else "not on the front")
+        if (t.get("error") or "").startswith("stopped early"):
+            verdict = t["error"]  # ruled out by a finished trial, before it finished
         row = {"trial": index + 1, "verdict": verdict, **settings, "score drop (points)": t.get("drop"),
                "× smaller": t.get("size_ratio"), "speed vs the original": t.get("speed_ratio"), "status": t["status"],
                "link": t["share_path"]}
@@ -209,7 +213,9 @@ if earlier:
             what = f"{len(outcome.get('front') or [])} run(s) on the front" if outcome.get("front") else "no answer"
         else:
             what = "running…"
-        goal_text = "front" if spec.get("goal") == "front" else f"≤ {_points(spec['max_drop'])}"
+        goal_text = {"front": "front", "size": f"≤ {spec.get('max_mb')} MB",
+                     "speed": f"≥ {spec.get('min_speedup')}× faster"}.get(spec.get("goal"))
+        goal_text = goal_text or f"≤ {_points(spec['max_drop'])}"
         names = ", ".join(r["rate"] for r in spec.get("rates") or []) or "methods chosen by the search"
         st.page_link("app_pages/search.py", query_params={"id": found["id"]},
                      label=f"{found['created_at'][:16].replace('T', ' ')} UTC · {names} · {goal_text} · {what}")

@@ -283,8 +283,8 @@ def main(argv=None) -> int:
         if args.max_drop is None and args.goal == "max-drop":
             raise UserError("search needs --max-drop (the score points you can afford to lose); add --rate (such as "
                             "prune.structured.amount) to push one setting, or leave it out to let the search choose.")
-        if not args.rate and args.goal != "max-drop":
-            raise UserError(f"A {args.goal} goal needs the settings to move: add --rate (repeat it for several).")
+        if not args.rate and args.goal == "front":
+            raise UserError("A front goal needs the settings to move: add --rate (repeat it for several).")
         started = api.start_search(db, args.model, args.recipe, args.rate, args.max_drop, args.budget, args.task,
                                    goal=args.goal, minutes=args.minutes, max_mb=args.max_mb,
                                    min_speedup=args.min_speedup)

@@ -45,19 +45,17 @@ def start(db, model_id: str, recipe: dict | str, rate: str | list[str], max_drop
 
     rates = rate_params()
     names = [rate] if isinstance(rate, str) else list(rate or [])
-    if not names and goal == "max-drop":
-        return _start_portfolio(db, model_id, max_drop, budget, task, check_recipe, minutes)
+    if goal not in GOALS:
+        raise UserError(f"The goal must be one of {', '.join(GOALS)}; got {goal!r}.")
+    _check_budget_goal(goal, max_mb, min_speedup)
+    if not names and goal != "front":
+        return _start_portfolio(db, model_id, goal, max_drop, max_mb, min_speedup, budget, task, check_recipe,
+                                minutes)
     if not names or len(set(names)) != len(names):
         raise UserError("Name each rate to search once (--rate, repeated for several).")
     for name in names:
         if name not in rates:
             raise UserError(f"--rate must name a compression rate, one of {', '.join(sorted(rates))}; got {name!r}.")
-    if goal not in GOALS:
-        raise UserError(f"The goal must be one of {', '.join(GOALS)}; got {goal!r}.")
-    if goal == "size" and not (isinstance(max_mb, (int, float)) and max_mb > 0):
-        raise UserError(f"A size goal needs the largest size you accept, in MB (more than 0); got {max_mb!r}.")
-    if goal == "speed" and not (isinstance(min_speedup, (int, float)) and min_speedup > 1):
-        raise UserError(f"A speed goal needs how many times faster than the original (more than 1); got {min_speedup!r}.")
     if goal == "size" and any(rates[n]["method"] == "sequence.pool" for n in names):
         raise UserError("sequence.pool changes time, not size: give it a speed goal instead.")
     if goal == "max-drop" or max_drop is not None:
@@ -93,6 +91,13 @@ def start(db, model_id: str, recipe: dict | str, rate: str | list[str], max_drop
     return get(db, search_id)
 
 
+def _check_budget_goal(goal: str, max_mb, min_speedup) -> None:
+    if goal == "size" and not (isinstance(max_mb, (int, float)) and max_mb > 0):
+        raise UserError(f"A size goal needs the largest size you accept, in MB (more than 0); got {max_mb!r}.")
+    if goal == "speed" and not (isinstance(min_speedup, (int, float)) and min_speedup > 1):
+        raise UserError(f"A speed goal needs how many times faster than the original (more than 1); got {min_speedup!r}.")
+
+
 def _allowed_drop(max_drop) -> float:
     try:
         max_drop = float(max_drop)
@@ -108,14 +113,16 @@ def _check_minutes(minutes) -> None:
         raise UserError(f"The time budget must be between 0 and 1,440 minutes; got {minutes!r}.")
 
 
-def _start_portfolio(db, model_id: str, max_drop, budget: int, task: str | None, check_recipe, minutes) -> dict:
+def _start_portfolio(db, model_id: str, goal: str, max_drop, max_mb, min_speedup, budget: int, task: str | None,
+                     check_recipe, minutes) -> dict:
     """No setting named: measure a portfolio of methods first, then refine the best (search_portfolio)."""
     from services.api import get_model
     from services.catalog import architecture_of
     from services.engine.methods import REGISTRY
     from services.search_portfolio import candidates
 
-    max_drop = _allowed_drop(max_drop)
+    if goal == "max-drop":
+        max_drop = _allowed_drop(max_drop)
     model = get_model(db, model_id)
     task = task or model["tasks"][0]
     architecture = architecture_of(model)
@@ -128,9 +135,10 @@ def _start_portfolio(db, model_id: str, max_drop, budget: int, task: str | None,
                         f"refines the best: give it a budget of {len(portfolio) + 2} to {MAX_BUDGET} trials; got {budget!r}.")
     _check_minutes(minutes)
     spec = {"recipe": {"task": task, "steps": []}, "rate": None, "method": None, "param": "setting", "low": None,
-            "high": None, "compresses": "higher", "rates": [], "goal": "max-drop", "strategy": "portfolio",
-            "candidates": portfolio, "max_drop": max_drop, "budget": budget,
-            "minutes": None if minutes is None else float(minutes)}
+            "high": None, "compresses": "higher", "rates": [], "goal": goal, "strategy": "portfolio",
+            "candidates": portfolio, "max_drop": max_drop if goal == "max-drop" else None, "budget": budget,
+            "minutes": None if minutes is None else float(minutes),
+            "max_mb": max_mb if goal == "size" else None, "min_speedup": min_speedup if goal == "speed" else None}
     search_id = q.new_id()
     db.execute("INSERT INTO searches (id, model_id, spec, status, created_at) VALUES (?, ?, ?, 'running', ?)",
                [search_id, model_id, json.dumps(spec), q.utcnow()])
@@ -166,30 +174,25 @@ def _advance_portfolio(db, search: dict, spec: dict, trials: list[dict], check_r
         return "running"
     broken = [t for t in trials if t.get("phase") == 2 and t["status"] != "succeeded"]
     if broken:  # a refinement trial failed or was cancelled: stop here with what was measured
-        outcome = portfolio.conclude(trials, spec["max_drop"])
+        outcome = portfolio.conclude(trials, spec)
         outcome["sentence"] = (f"A refinement trial did not finish ({broken[0]['error'] or broken[0]['status']}); "
                                f"the search stopped. {outcome['sentence']}")
         return done(outcome)
     if len(trials) >= spec["budget"] or _out_of_time(search, spec):
-        return done(portfolio.conclude(trials, spec["max_drop"]))
-    seed = portfolio.to_refine([t for t in trials if t.get("phase") == 1], spec["max_drop"], rates)
+        return done(portfolio.conclude(trials, spec))
+    seed = portfolio.to_refine([t for t in trials if t.get("phase") == 1], spec, rates)
     if seed is None:
-        return done(portfolio.conclude(trials, spec["max_drop"]))
+        return done(portfolio.conclude(trials, spec))
     rate = portfolio.rate_of(seed["recipe"], rates)
-    sign = -1 if rate["compresses"] == "lower" else 1
-    low, high = sorted((sign * rate["low"], sign * rate["high"]))
     line = [seed] + [t for t in trials if t.get("phase") == 2]
-    measured = [Trial(sign * t["params"][rate["rate"]], t["drop"]) for t in line if "drop" in t]
-    following = next_rate(measured, low, high, spec["max_drop"], RESOLUTION_SHARE * (high - low))
-    if following is None:
-        return done(portfolio.conclude(trials, spec["max_drop"]))
-    value = round(sign * following, 6)  # finer than the bracket's margins (2 % of >= 0.002 of the range)
+    value = portfolio.next_value(spec, seed, line, rate, RESOLUTION_SHARE)
+    if value is None:
+        return done(portfolio.conclude(trials, spec))
     try:
         queue(_with_rate(seed["recipe"], rate, value), 2, seed["candidate"], {rate["rate"]: value})
     except UserError as problem:
-        return done({**portfolio.conclude(trials, spec["max_drop"]),
-                     "sentence": f"The refinement was refused ({problem}). "
-                                 + portfolio.conclude(trials, spec["max_drop"])["sentence"]})
+        return done({**portfolio.conclude(trials, spec),
+                     "sentence": f"The refinement was refused ({problem}). " + portfolio.conclude(trials, spec)["sentence"]})
     return "running"
 
 
@@ -286,6 +289,12 @@ def _advance_optuna(db, search: dict, spec: dict, trials: list[dict], check_reci
 
     study = search_optuna._study(db.home, search["id"], spec)
     search_optuna.tell_finished(study, spec, trials)
+    # Stop early: a trial still queued or running that a finished one has already ruled out.
+    for trial in trials:
+        by = search_optuna.ruled_out_by(spec, trial["params"], trials) if trial["status"] in q.ACTIVE else None
+        if by is not None:
+            q.stop_early(db, trial["job_id"], search_optuna.why_ruled_out(spec, by))
+            trial["status"] = "cancelled"
     active = sum(t["status"] in q.ACTIVE for t in trials)
     # One trial per live worker at a time: trials run in parallel when several workers run.
     parallel = max(1, len(q.live_workers(db)))
@@ -295,7 +304,7 @@ def _advance_optuna(db, search: dict, spec: dict, trials: list[dict], check_reci
         outcome = search_optuna.conclude(study, spec, trials)
         outcome["sentence"] = " ".join(filter(None, [_time_note(search, spec), outcome["sentence"]]))
         return _store(db, search["id"], "succeeded", outcome)
-    number, values = search_optuna.ask(study, spec)
+    number, values, _ = search_optuna.ask_unruled(study, spec, trials)
     try:
         recipe = check_recipe(db, search["model_id"], _with_rates(spec["recipe"], spec["rates"], values))
     except UserError as problem:  # the model or a scan changed since the search began

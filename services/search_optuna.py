@@ -34,8 +34,8 @@ def _study(home: Path, search_id: str, spec: dict):
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
         directions = ["maximize", "minimize"]  # score, size in bytes
     else:  # one objective under a constraint: size ratio within the drop, or score within a size/speed budget
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
-                                             constraints_func=lambda trial: [trial.user_attrs["over_budget"]])
+        # the constraint ("over_budget" <= 0) is set on each trial when it is told (tell_finished)
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
         directions = ["maximize"]
     return optuna.create_study(study_name=search_id, storage=storage, sampler=sampler, directions=directions,
                                load_if_exists=True)
@@ -61,14 +61,15 @@ def tell_finished(study, spec: dict, trials: list[dict]) -> None:
         number = trial.get("optuna_trial")
         if number not in open_numbers or trial["status"] in ("queued", "running"):
             continue
-        if "drop" not in trial:
-            study.tell(number, state=TrialState.FAIL)
+        if "drop" not in trial:  # stopped early by the search (ruled out), cancelled, or failed
+            early = trial["status"] == "cancelled" and (trial.get("error") or "").startswith("stopped early")
+            study.tell(number, state=TrialState.PRUNED if early else TrialState.FAIL)
             continue
         if spec["goal"] == "front":
             study.tell(number, [trial["score"], trial["size_bytes"]])
             continue
         live = optuna.trial.Trial(study, open_numbers[number]._trial_id)
-        live.set_user_attr("over_budget", over_budget(spec, trial))
+        live.set_constraint("over_budget", over_budget(spec, trial))
         study.tell(number, trial["size_ratio"] if spec["goal"] == "max-drop" else trial["score"])
 
 
@@ -86,8 +87,86 @@ def ask(study, spec: dict) -> tuple[int, dict]:
     return trial.number, {name: round(value, 6) for name, value in trial.params.items()}
 
 
+# "Clearly" out: a drop this far past the allowed one is not noise (scores move by a few tenths of a
+# point between splits); sizes are exact; speed-ups move by about 10 % between timings.
+CLEAR_DROP_POINTS = 0.5
+CLEAR_SPEED_SHARE = 0.1
+
+
+def ruled_out_by(spec: dict, values: dict, trials: list[dict]) -> dict | None:
+    """A finished trial that already shows these settings cannot meet the goal, or None.
+
+    Compression is monotone in each rate: settings that compress at least as much on every rate as
+    a trial that lost clearly more than the allowed drop will lose as much (max-drop); settings that
+    compress no more on every rate than a trial clearly over a size or speed budget will be over it
+    too (size, speed). A front has no budget, so nothing is ruled out."""
+    if spec["goal"] == "front":
+        return None
+    compression = {r["rate"]: (-1 if r["compresses"] == "lower" else 1) for r in spec["rates"]}
+    for trial in trials:
+        if "drop" not in trial or not all(name in trial["params"] for name in compression):
+            continue
+        more = all(compression[n] * values[n] >= compression[n] * trial["params"][n] for n in compression)
+        less = all(compression[n] * values[n] <= compression[n] * trial["params"][n] for n in compression)
+        if spec["goal"] == "max-drop" and more and trial["drop"] > spec["max_drop"] + CLEAR_DROP_POINTS:
+            return trial
+        if spec["goal"] == "size" and less and over_budget(spec, trial) > 0:
+            return trial
+        if spec["goal"] == "speed" and less and trial["speed_ratio"] < spec["min_speedup"] * (1 - CLEAR_SPEED_SHARE):
+            return trial
+    return None
+
+
+def why_ruled_out(spec: dict, by: dict) -> str:
+    """The reason a stopped or skipped trial shows, naming the trial that ruled it out."""
+    if spec["goal"] == "max-drop":
+        return f"{_settings(by)} already lost {by['drop']:.1f} points and these settings compress at least as much"
+    if spec["goal"] == "size":
+        return f"{_settings(by)} is already {by['size_bytes'] / 1e6:.3g} MB and these settings compress no more"
+    return f"{_settings(by)} is only {by['speed_ratio']:.2f}× as fast and these settings compress no more"
+
+
+def ask_unruled(study, spec: dict, trials: list[dict], tries: int = 20) -> tuple[int, dict, int]:
+    """Ask for settings no finished trial has ruled out; the ruled-out ones are told to Optuna as
+    pruned without running a job. Returns (trial number, settings, how many were skipped)."""
+    from optuna.trial import TrialState
+
+    skipped = 0
+    while True:
+        number, values = ask(study, spec)
+        by = ruled_out_by(spec, values, trials)
+        if by is None or skipped >= tries:  # after `tries` skips, run it anyway: the sampler insists
+            return number, values, skipped
+        study.tell(number, state=TrialState.PRUNED)
+        skipped += 1
+
+
 def conclude(study, spec: dict, trials: list[dict]) -> dict:
-    """The outcome: for a front, its runs from the smallest to the best scoring; else the best feasible."""
+    """The outcome: for a front, its runs from the smallest to the best scoring; else the best feasible;
+    with a word on what was stopped early or skipped."""
+    outcome = _conclude(study, spec, trials)
+    early = sum(1 for t in trials if (t.get("error") or "").startswith("stopped early"))
+    skipped = len(skipped_settings(study, trials))
+    notes = []
+    if early:
+        notes.append(f"{early} trial(s) were stopped early, ruled out by a finished trial.")
+    if skipped:
+        notes.append(f"{skipped} setting(s) Optuna proposed were skipped without a job: a finished trial had "
+                     f"already ruled them out.")
+    if notes:
+        outcome["sentence"] = " ".join([outcome["sentence"], *notes])
+    return outcome
+
+
+def skipped_settings(study, trials: list[dict]) -> list:
+    """Optuna trials told as pruned that never became a job (ask_unruled)."""
+    from optuna.trial import TrialState
+
+    numbers = {t.get("optuna_trial") for t in trials}
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if t.number not in numbers]
+
+
+def _conclude(study, spec: dict, trials: list[dict]) -> dict:
     from services.search import point_count, points
 
     measured = [t for t in trials if "drop" in t]

@@ -1,11 +1,16 @@
-"""Goal only: "as small as possible, losing at most X points", and the product picks the methods.
+"""Goal only, and the product picks the methods: "as small as possible, losing at most X points"
+(goal max-drop), "under 10 MB" (size) or "twice as fast" (speed).
 
 First a short portfolio of candidate recipes (each method that applies to the model at a moderate
 setting, and pruning followed by int8) is measured, all at once (one job each, in parallel when
 several workers run). Then the most promising candidate that has a compression rate is refined by
-the bracketing search on that rate, the candidate's other steps kept. The answer is the smallest
-trial within the allowed drop, explained against the runner-up of another kind ("… int8 alone was
-4.0× smaller at -0.1 points"). Torch-free.
+the bracketing search on that rate, the candidate's other steps kept:
+- max-drop: the most compression within the allowed drop (the rate pushed up to the limit);
+- size / speed: the best score within the budget, which is the *mildest* rate that still meets it
+  (the rate pushed down to the budget's edge), bracketed on the trial's relative excess over the
+  budget (size is nearly linear in a pruning amount, so the secant lands close).
+The answer is explained against the best trial of another kind ("… int8 alone was 4.0× smaller at
+-0.1 points"). Torch-free.
 """
 from __future__ import annotations
 
@@ -45,14 +50,55 @@ def rate_of(recipe: dict, rates: dict) -> dict | None:
     return None
 
 
-def to_refine(portfolio: list[dict], max_drop: float, rates: dict) -> dict | None:
-    """The candidate trial worth a rate search: the smallest within the drop among those with a rate;
-    if none is within it, the one that lost least (its rate will be searched downwards)."""
+def excess(spec: dict, trial: dict) -> float:
+    """How far a measured trial is past the goal's limit (<= 0: within it): score points over the
+    allowed drop (max-drop), or the relative excess over a size or speed budget (0.2 = 20 % too big,
+    or 20 % too slow)."""
+    if spec["goal"] == "size":
+        return trial["size_bytes"] / 1e6 / spec["max_mb"] - 1.0
+    if spec["goal"] == "speed":
+        return spec["min_speedup"] / trial["speed_ratio"] - 1.0
+    return trial["drop"] - spec["max_drop"]
+
+
+def merit(spec: dict, trial: dict) -> float:
+    """What the goal maximises among trials within the limit: compression, or the score."""
+    return trial["size_ratio"] if spec["goal"] == "max-drop" else -trial["drop"]
+
+
+def to_refine(portfolio: list[dict], spec: dict, rates: dict) -> dict | None:
+    """The candidate trial worth a rate search: the best within the limit among those with a rate; if
+    none is within it, the one closest to it (its rate will be searched towards the limit)."""
     with_rate = [t for t in portfolio if "drop" in t and rate_of(t["recipe"], rates)]
-    feasible = [t for t in with_rate if t["drop"] <= max_drop]
+    feasible = [t for t in with_rate if excess(spec, t) <= 0]
     if feasible:
-        return max(feasible, key=lambda t: t["size_ratio"])
-    return min(with_rate, key=lambda t: t["drop"]) if with_rate else None
+        return max(feasible, key=lambda t: merit(spec, t))
+    return min(with_rate, key=lambda t: excess(spec, t)) if with_rate else None
+
+
+def oriented(spec: dict, rate: dict) -> tuple[int, float, float]:
+    """(sign, low, high) such that sign × value grows towards the limit the search pushes to: more
+    compression for max-drop, a milder setting (a better score) for a budget."""
+    sign = -1 if rate["compresses"] == "lower" else 1
+    if spec["goal"] != "max-drop":
+        sign = -sign
+    low, high = sorted((sign * rate["low"], sign * rate["high"]))
+    return sign, low, high
+
+
+def next_value(spec: dict, seed: dict, line: list[dict], rate: dict, resolution_share: float) -> float | None:
+    """The refinement's next value of `rate`, given the trials on the seed's line (the seed first)."""
+    from services.search_strategy import Trial, next_rate
+
+    sign, low, high = oriented(spec, rate)
+    resolution = resolution_share * (high - low)
+    if spec["goal"] == "max-drop":
+        measured = [Trial(sign * t["params"][rate["rate"]], t["drop"]) for t in line if "drop" in t]
+        following = next_rate(measured, low, high, spec["max_drop"], resolution)
+    else:
+        measured = [Trial(sign * t["params"][rate["rate"]], excess(spec, t)) for t in line if "drop" in t]
+        following = next_rate(measured, low, high, 0.0, resolution, distance=lambda value: value, assumed_at_low=-1.0)
+    return None if following is None else round(sign * following, 6)
 
 
 def describe(trial: dict) -> str:
@@ -61,24 +107,39 @@ def describe(trial: dict) -> str:
     return f"{trial['candidate']} ({settings})" if settings else trial["candidate"]
 
 
-def conclude(trials: list[dict], max_drop: float) -> dict:
+def goal_words(spec: dict) -> str:
     from services.search import point_count
 
+    if spec["goal"] == "size":
+        return f"at most {spec['max_mb']:g} MB"
+    if spec["goal"] == "speed":
+        return f"at least {spec['min_speedup']:g}× faster"
+    return f"allowed drop {point_count(spec['max_drop'])}"
+
+
+def conclude(trials: list[dict], spec: dict) -> dict:
     measured = [t for t in trials if "drop" in t]
-    feasible = [t for t in measured if t["drop"] <= max_drop]
+    feasible = [t for t in measured if excess(spec, t) <= 0]
     if not feasible:
-        mildest = min(measured, key=lambda t: t["drop"]) if measured else None
-        sentence = ("No trial finished." if mildest is None else
-                    f"No candidate meets the goal: the mildest, {describe(mildest)}, loses "
-                    f"{mildest['drop']:.1f} points, over the allowed {point_count(max_drop)}.")
+        closest = min(measured, key=lambda t: excess(spec, t)) if measured else None
+        if closest is None:
+            sentence = "No trial finished."
+        elif spec["goal"] == "max-drop":
+            from services.search import point_count
+
+            sentence = (f"No candidate meets the goal: the mildest, {describe(closest)}, loses "
+                        f"{closest['drop']:.1f} points, over the allowed {point_count(spec['max_drop'])}.")
+        else:
+            sentence = (f"No candidate meets the goal ({goal_words(spec)}): the closest, {describe(closest)}, is "
+                        f"{_effect(closest)}.")
         return {"sentence": sentence, "best": None, "trials": len(measured)}
-    best = max(feasible, key=lambda t: t["size_ratio"])
+    best = max(feasible, key=lambda t: merit(spec, t))
     sentence = f"Recommended: {describe(best)}, {_effect(best)}."
     others = [t for t in feasible if t["candidate"] != best["candidate"]]
     if others:
-        runner = max(others, key=lambda t: t["size_ratio"])
+        runner = max(others, key=lambda t: merit(spec, t))
         sentence += f" The best of another kind, {describe(runner)}, was {_effect(runner)}."
-    return {"sentence": sentence + f" ({len(measured)} trials; allowed drop {point_count(max_drop)}.)",
+    return {"sentence": sentence + f" ({len(measured)} trials; {goal_words(spec)}.)",
             "best": best, "trials": len(measured)}
 
 
@@ -87,4 +148,4 @@ def _effect(trial: dict) -> str:
 
     speed = (f"{trial['speed_ratio']:.1f}× faster" if trial["speed_ratio"] >= 1
              else f"{1 / trial['speed_ratio']:.1f}× slower")
-    return f"{trial['size_ratio']:.1f}× smaller, {speed}, {points(-trial['drop'])}"
+    return f"{trial['size_bytes'] / 1e6:.3g} MB, {trial['size_ratio']:.1f}× smaller, {speed}, {points(-trial['drop'])}"

@@ -55,19 +55,25 @@ def bracket(trials: list[Trial], max_drop: float) -> Bracket:
     return Bracket(passed and passed.rate, failed and failed.rate, passed and passed.drop, failed and failed.drop)
 
 
-def next_rate(trials: list[Trial], low: float, high: float, max_drop: float, resolution: float) -> float | None:
+def next_rate(trials: list[Trial], low: float, high: float, max_drop: float, resolution: float,
+              distance=None, assumed_at_low: float = 0.0) -> float | None:
     """The next rate to measure, or None when the search is done (bracket narrower than `resolution`,
     the top of the range passed, or even the bottom failed). Replays the trials in their order, so
-    a resumed search continues exactly where it stopped."""
+    a resumed search continues exactly where it stopped.
+
+    `distance(drop)` (> 0 fails) is where the secant is drawn; by default the log scale of score drops
+    (`_distance`). A budget search (size or speed, search_portfolio) passes its own: the trial's
+    relative excess over the budget, with `assumed_at_low` -1 (a file of no size, a call of no time)."""
     if not trials:
         return high
+    measure = distance or (lambda drop: _distance(drop, max_drop))
     tried = {round(t.rate, 9) for t in trials}
     # f(rate) <= 0 passes. The low end counts as a pass with no drop (the mildest setting, usually
     # the untouched model) until it is measured.
-    a, fa, b, fb, retained = low, _distance(0.0, max_drop), None, None, 0
+    a, fa, b, fb, retained = low, measure(assumed_at_low), None, None, 0
     plateau = False  # the last trial measured exactly what its end of the bracket had: a flat step
     for trial in trials:
-        f = _distance(trial.drop, max_drop)
+        f = measure(trial.drop)
         if b is None:
             if f > 0:
                 b, fb = trial.rate, f

@@ -27,6 +27,7 @@ from storage.db import utcnow
 ACTIVE = ("queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
 DEFAULT_LEASE_S = 30.0
+STOPPED_EARLY = "stopped early: "
 
 
 @contextmanager
@@ -145,7 +146,9 @@ def fail(db, job_id: str, worker_id: str, reason: str) -> bool:
 
 
 def mark_cancelled(db, job_id: str, worker_id: str) -> bool:
-    return _finish(db, job_id, worker_id, "cancelled", message="cancelled by the user")
+    error = (get_job(db, job_id) or {}).get("error") or ""
+    early = error if error.startswith(STOPPED_EARLY) else None  # a search's reason (stop_early), kept
+    return _finish(db, job_id, worker_id, "cancelled", message=early or "cancelled by the user")
 
 
 def release(db, job_id: str, worker_id: str) -> bool:
@@ -173,6 +176,17 @@ def request_cancel(db, job_id: str) -> str | None:
             db.execute("UPDATE jobs SET cancel_requested = 1, message = 'stopping…' WHERE id = ?", [job_id])
             return "cancelling"
         return job["status"]
+
+
+def stop_early(db, job_id: str, reason: str) -> None:
+    """A search stops one of its trials that another trial has already ruled out: cancelled now if
+    queued, asked to stop if running, the reason ("stopped early: …") kept in `error`. Runs in the
+    caller's transaction."""
+    reason = f"{STOPPED_EARLY}{reason}"
+    db.execute("""UPDATE jobs SET status = 'cancelled', finished_at = ?, message = ?, error = ?
+                  WHERE id = ? AND status = 'queued'""", [utcnow(), reason, reason, job_id])
+    db.execute("""UPDATE jobs SET cancel_requested = 1, message = ?, error = ?
+                  WHERE id = ? AND status = 'running'""", [reason, reason, job_id])
 
 
 def cancel_requested(db, job_id: str) -> bool:

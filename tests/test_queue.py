@@ -158,6 +158,21 @@ def test_cancel_a_running_job_is_a_request_the_worker_completes(db):
     assert q.request_cancel(db, job_id) == "cancelled"
 
 
+def test_a_search_stops_a_trial_early_and_the_reason_stays(db):
+    queued, running = _compress(db), _compress(db)
+    q.claim(db, "w1", job_id=running)
+    with q.immediate(db):  # inside the search's own transaction
+        q.stop_early(db, queued, "amount 0.6 already lost 4.0 points")
+        q.stop_early(db, running, "amount 0.6 already lost 4.0 points")
+    job = q.get_job(db, queued)
+    assert job["status"] == "cancelled" and job["error"] == "stopped early: amount 0.6 already lost 4.0 points"
+    job = q.get_job(db, running)
+    assert job["status"] == "running" and job["cancel_requested"] is True  # the worker stops the child
+    assert q.mark_cancelled(db, running, "w1") is True
+    job = q.get_job(db, running)
+    assert job["status"] == "cancelled" and job["message"].startswith("stopped early: amount 0.6")
+
+
 def test_cancelling_a_finished_job_changes_nothing(db):
     job_id = _compress(db)
     job = q.claim(db, "w1")

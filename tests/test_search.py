@@ -101,6 +101,26 @@ def test_a_goal_alone_measures_a_portfolio_then_refines_the_most_promising(prepa
         api.start_search(prepared_db, "digits-cnn", {}, None, 1.0, 4)
 
 
+def test_a_size_budget_alone_picks_the_methods_and_the_best_score_that_fits(prepared_db):
+    """'Under X MB', no setting named: the portfolio, then the mildest rate that still fits."""
+    original = api.get_model(prepared_db, "digits-cnn")["card"]["size_bytes"]
+    max_mb = round(0.3 * original / 1e6, 4)  # int8 alone does not fit (about 0.4 of the file): pruning must
+    started = api.start_search(prepared_db, "digits-cnn", {}, None, None, 8, goal="size", max_mb=max_mb)
+    found = api.wait_for_search(prepared_db, started["id"])
+    assert found["status"] == "succeeded" and found["spec"]["strategy"] == "portfolio"
+    assert found["spec"]["goal"] == "size" and found["spec"]["max_drop"] is None
+    fits = [t for t in found["trials"] if t["size_bytes"] <= max_mb * 1e6]
+    best = found["outcome"]["best"]
+    assert fits and best["score"] == max(t["score"] for t in fits)
+    assert [t for t in found["trials"] if t["phase"] == 2]  # a rate was refined towards the budget's edge
+    sentence = found["outcome"]["sentence"]
+    assert sentence.startswith("Recommended: ") and f"at most {max_mb:g} MB" in sentence and " MB, " in sentence
+    with pytest.raises(UserError, match="more than 1"):
+        api.start_search(prepared_db, "digits-cnn", {}, None, None, 8, goal="speed", min_speedup=1.0)
+    with pytest.raises(UserError, match="needs the settings to move|Name each rate"):
+        api.start_search(prepared_db, "digits-cnn", {}, None, None, 8, goal="front")
+
+
 def test_a_size_budget_gives_the_best_score_that_fits(prepared_db):
     found = api.wait_for_search(prepared_db, api.start_search(prepared_db, "digits-cnn", {}, RATE, None, 4,
                                                               goal="size", max_mb=0.04)["id"])

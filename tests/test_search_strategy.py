@@ -57,3 +57,31 @@ def test_a_stopped_search_resumes_from_its_stored_trials():
     first[-1] = Trial(first[-1].rate, measure(first[-1].rate))
     resumed = search(measure, 0.0, 0.95, max_drop=1.0, budget=7, resolution=0.005, trials=first)
     assert resumed.best == whole.best and resumed.trials == whole.trials
+
+
+@pytest.mark.parametrize("goal, budget_key, limit", [("size", "max_mb", 0.5), ("size", "max_mb", 0.2),
+                                                     ("speed", "min_speedup", 2.0), ("speed", "min_speedup", 3.5)])
+def test_a_budget_refinement_finds_the_mildest_setting_that_fits(goal, budget_key, limit):
+    """Goal first with a size or speed budget (services/search_portfolio.py): the best score is the
+    mildest pruning amount that still fits; the seed is the portfolio's candidate at amount 0.3."""
+    from services.search_portfolio import excess, next_value
+
+    spec = {"goal": goal, budget_key: limit}
+    rate = {"rate": "prune.structured.amount", "low": 0.0, "high": 0.95, "compresses": "higher"}
+
+    def trial(amount: float) -> dict:  # a 1 MB model; speed ~ 1 / (1 - amount) ** 1.5
+        size = 1e6 * (1 - amount) ** 2 * 0.98 + 2e4
+        return {"params": {rate["rate"]: amount}, "size_bytes": size, "size_ratio": 1e6 / size,
+                "speed_ratio": 1 / (1 - amount) ** 1.5, "drop": 10 * amount ** 3}
+
+    line = [trial(0.3)]
+    while len(line) < 7:
+        value = next_value(spec, line[0], line, rate, 0.002)
+        if value is None:
+            break
+        line.append(trial(value))
+    fitting = [t for t in line if excess(spec, t) <= 0]
+    assert fitting, line
+    best = min(t["params"][rate["rate"]] for t in fitting)
+    edge = next(a / 1000 for a in range(951) if excess(spec, trial(a / 1000)) <= 0)  # the true mildest fit
+    assert edge - 0.001 <= best <= edge + 0.03, (best, edge, [t["params"] for t in line])
