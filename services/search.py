@@ -81,7 +81,7 @@ def start(db, model_id: str, recipe: dict | str, rate: str | list[str], max_drop
     spec = {"recipe": {**base, "task": clean["task"]}, "rate": first["rate"], "method": first["method"],
             "param": first["param"], "low": first["low"], "high": first["high"], "compresses": first["compresses"],
             "rates": [{k: r[k] for k in ("rate", "method", "param", "low", "high", "compresses")} for r in chosen],
-            "goal": goal, "strategy": "bracket" if goal == "max-drop" and len(chosen) == 1 else "optuna",
+            "goal": goal, "strategy": "bracket" if goal != "front" and len(chosen) == 1 else "optuna",
             "max_drop": max_drop, "budget": budget, "minutes": None if minutes is None else float(minutes),
             "max_mb": max_mb, "min_speedup": min_speedup}
     search_id = q.new_id()
@@ -185,7 +185,7 @@ def _advance_portfolio(db, search: dict, spec: dict, trials: list[dict], check_r
         return done(portfolio.conclude(trials, spec))
     rate = portfolio.rate_of(seed["recipe"], rates)
     line = [seed] + [t for t in trials if t.get("phase") == 2]
-    value = portfolio.next_value(spec, seed, line, rate, RESOLUTION_SHARE)
+    value = portfolio.next_value(spec, line, rate, RESOLUTION_SHARE)
     if value is None:
         return done(portfolio.conclude(trials, spec))
     try:
@@ -256,6 +256,8 @@ def advance(db, search_id: str, check_recipe=None) -> str:
             return _advance_optuna(db, search, spec, trials, check_recipe)
         if spec.get("strategy") == "portfolio":
             return _advance_portfolio(db, search, spec, trials, check_recipe)
+        if spec.get("goal") in ("size", "speed"):
+            return _advance_budget_line(db, search, spec, trials, check_recipe)
         if any(t["status"] in q.ACTIVE for t in trials):
             return "running"
         broken = next((t for t in trials if t["status"] != "succeeded"), None)
@@ -279,6 +281,40 @@ def advance(db, search_id: str, check_recipe=None) -> str:
         run_id = q.new_id()
         q.enqueue(db, "compress", search["model_id"], {"recipe": recipe, "run_id": run_id, "search_rate": value,
                                                        "search_params": {spec["rate"]: value}}, search_id=search_id)
+    return "running"
+
+
+def _advance_budget_line(db, search: dict, spec: dict, trials: list[dict], check_recipe) -> str:
+    """One rate and a size or speed budget: the best score within it is the mildest setting that still
+    fits, bracketed on the trials' relative excess over the budget (search_portfolio.next_value)."""
+    from services import search_optuna
+    from services.search_portfolio import next_value
+
+    if any(t["status"] in q.ACTIVE for t in trials):
+        return "running"
+    measured = [t for t in trials if "drop" in t]
+
+    def done(status: str, note: str = "") -> str:
+        outcome = search_optuna.conclude_budget(spec, measured)
+        outcome["sentence"] = " ".join(filter(None, [note, _time_note(search, spec), outcome["sentence"]]))
+        return _store(db, search["id"], status, outcome)
+
+    broken = next((t for t in trials if t["status"] != "succeeded"), None)
+    if broken is not None:
+        return done("failed", f"The trial at {spec['param']} {broken['rate']:g} did not finish "
+                              f"({broken['error'] or broken['status']}); the search stopped there.")
+    value = None
+    if len(trials) < spec["budget"] and not _out_of_time(search, spec):
+        value = next_value(spec, measured, spec["rates"][0], RESOLUTION_SHARE)
+    if value is None:
+        return done("succeeded")
+    try:
+        recipe = check_recipe(db, search["model_id"], _with_rate(spec["recipe"], spec, value))
+    except UserError as problem:  # the model or a scan changed since the search began
+        return done("failed", f"The next trial was refused: {problem}")
+    recipe["name"] = f"search {search['id'][:6]}, trial {len(trials) + 1}"
+    q.enqueue(db, "compress", search["model_id"], {"recipe": recipe, "run_id": q.new_id(), "search_rate": value,
+                                                   "search_params": {spec["rate"]: value}}, search_id=search["id"])
     return "running"
 
 

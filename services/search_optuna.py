@@ -183,7 +183,7 @@ def _conclude(study, spec: dict, trials: list[dict]) -> dict:
                     f"One trial beats all others on both score and size: {ends.split(' to ')[0]}.")
         return {"sentence": sentence, "best": None, "front": front, "trials": len(measured)}
     if spec["goal"] in ("size", "speed"):
-        return _best_within_budget(spec, measured)
+        return conclude_budget(spec, measured)
     feasible = [t for t in measured if t["drop"] <= spec["max_drop"]]
     if not feasible:
         mildest = min(measured, key=lambda t: t["drop"]) if measured else None
@@ -197,7 +197,8 @@ def _conclude(study, spec: dict, trials: list[dict]) -> dict:
                         f"({len(measured)} trials).", "best": best, "trials": len(measured)}
 
 
-def _best_within_budget(spec: dict, measured: list[dict]) -> dict:
+def conclude_budget(spec: dict, measured: list[dict]) -> dict:
+    """The best score among the measured trials within a size or speed budget, in a sentence."""
     from services.search import points
 
     limit = (f"at most {spec['max_mb']:g} MB" if spec["goal"] == "size"

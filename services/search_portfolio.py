@@ -86,8 +86,9 @@ def oriented(spec: dict, rate: dict) -> tuple[int, float, float]:
     return sign, low, high
 
 
-def next_value(spec: dict, seed: dict, line: list[dict], rate: dict, resolution_share: float) -> float | None:
-    """The refinement's next value of `rate`, given the trials on the seed's line (the seed first)."""
+def next_value(spec: dict, line: list[dict], rate: dict, resolution_share: float) -> float | None:
+    """The next value of `rate` on a line of trials that differ only in it (a portfolio candidate refined, or a
+    one-rate budget search)."""
     from services.search_strategy import Trial, next_rate
 
     sign, low, high = oriented(spec, rate)

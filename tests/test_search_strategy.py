@@ -76,7 +76,7 @@ def test_a_budget_refinement_finds_the_mildest_setting_that_fits(goal, budget_ke
 
     line = [trial(0.3)]
     while len(line) < 7:
-        value = next_value(spec, line[0], line, rate, 0.002)
+        value = next_value(spec, line, rate, 0.002)
         if value is None:
             break
         line.append(trial(value))
