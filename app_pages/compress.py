@@ -28,10 +28,28 @@ model_id = st.selectbox(
 if st.query_params.get("model") != model_id:
     st.query_params["model"] = model_id
 model = api.get_model(db, model_id)
-task = st.selectbox("Score it on", model["tasks"], format_func=lambda t: f"{t} — {TASKS[t]['description']}")
-
 if "steps" not in st.session_state:
     st.session_state.steps = []
+
+# "Run it again" links (a search's recommendation, a result page) open a run's recipe here: ?recipe_of=RUN_ID.
+source = st.query_params.get("recipe_of")
+source_run = None
+if source and st.session_state.get("loaded_from") != source:
+    try:
+        source_run = api.get_run(db, source)
+    except UserError:
+        st.warning("The run this link names does not exist (any more); start from an empty recipe.")
+    else:
+        if source_run["model_id"] != model_id:
+            st.warning(f"That recipe was made for {source_run['model_id']}; choose that model to load it.")
+            source_run = None
+    st.session_state.loaded_from = source
+tasks = model["tasks"]
+preset = tasks.index(source_run["recipe"]["task"]) if source_run and source_run["recipe"]["task"] in tasks else None
+if preset is not None:
+    st.session_state["compress-task"] = tasks[preset]
+task = st.selectbox("Score it on", tasks, key="compress-task",
+                    format_func=lambda t: f"{t} — {TASKS[t]['description']}")
 
 
 def add_step(name: str, params: dict | None = None) -> None:
@@ -52,6 +70,14 @@ def load_recipe(text: str) -> None:
         add_step(step["method"], step["params"])
     st.session_state.recovery = recipe["recovery"]
     st.session_state.recovery_uid = secrets.token_hex(4)  # fresh widgets showing the loaded values
+
+
+if source_run is not None:
+    load_recipe(json.dumps({key: source_run["recipe"][key] for key in ("task", "steps", "recovery")}))
+    if st.session_state.get("load_error"):
+        st.warning(f"That run's recipe cannot be loaded as it is: {st.session_state.load_error}")
+    else:
+        st.success(f"Loaded the recipe of run {source_run['id'][:12]}: change it or submit it as it is.")
 
 
 def unavailable_sentence(names: list[str], reason: str) -> str:

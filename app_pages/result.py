@@ -107,6 +107,8 @@ recipe_col, download_col = st.columns([3, 2])
 with recipe_col:
     st.markdown("**Recipe** (copy it to run the same thing again)")
     st.code(json.dumps(run["recipe"], indent=2), language="json")
+    st.page_link("app_pages/compress.py", label="Start from this recipe (opens it in Compress)",
+                 icon=":material/edit:", query_params={"model": run["model_id"], "recipe_of": run["id"]})
     st.caption("From the command line:")
     st.code(f"python -m services compress --model {run['model_id']} --recipe '{json.dumps(run['recipe'])}' --wait",
             language="bash", wrap_lines=True)

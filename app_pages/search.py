@@ -65,6 +65,9 @@ def show(found_id: str, refreshing: bool = False) -> None:
         if outcome.get("best"):
             st.page_link("app_pages/result.py", label="Open the recommended run", icon=":material/star:",
                          query_params={"id": outcome["best"]["run_id"]})
+            st.page_link("app_pages/compress.py", label="Run the recommended recipe (opens it in Compress, ready to "
+                         "submit or change)", icon=":material/play_arrow:",
+                         query_params={"model": found["model_id"], "recipe_of": outcome["best"]["run_id"]})
         for trial in outcome.get("front") or []:
             settings = ", ".join(f"{column.get(n, n)} {v:.4g}" for n, v in trial["params"].items())
             st.page_link("app_pages/result.py", icon=":material/timeline:", query_params={"id": trial["run_id"]},

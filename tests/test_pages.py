@@ -473,6 +473,18 @@ def test_result_page_shows_the_run(ui_run_home):
     assert not at.error
 
 
+def test_a_runs_recipe_opens_in_compress_ready_to_submit_again(ui_run_home):
+    """The result page's (and a search's) "run it again" link: ?recipe_of=RUN_ID fills the recipe editor."""
+    _, run = ui_run_home
+    at = open_page("app_pages/compress.py", model="digits-cnn", recipe_of=run["id"])
+    assert any(text.startswith(f"Loaded the recipe of run {run['id'][:12]}") for text in texts(at.success))
+    loaded = json.loads(at.code[0].value)
+    assert loaded["steps"] == run["recipe"]["steps"] and loaded["task"] == run["recipe"]["task"]
+    assert not next(b for b in at.button if b.label == "Submit job").disabled
+    unknown = open_page("app_pages/compress.py", model="digits-cnn", recipe_of="0" * 32)
+    assert any("does not exist" in text for text in texts(unknown.warning))
+
+
 def test_result_page_with_an_unknown_id_says_so(ui_run_home):
     at = open_page("app_pages/result.py", id="0" * 32)
     assert texts(at.error) == ["No run has this link. Check that the whole link was copied."]
