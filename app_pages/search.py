@@ -48,7 +48,7 @@ def show(found_id: str, refreshing: bool = False) -> None:
         st.title(f"{model['name']}: " + {"size": f"the best it can do in {spec.get('max_mb')} MB",
                                           "speed": f"the best it can do {spec.get('min_speedup')}× faster"}.get(
             spec.get("goal"), "how small can it get?"))
-        ranges = f"{len(spec['candidates'])} candidate recipes ({', '.join(c['label'] for c in spec['candidates'])})"
+        ranges = f"{len(spec['candidates'])} candidate recipes ({'; '.join(c['label'] for c in spec['candidates'])})"
     else:
         st.title(f"{model['name']}: how far can {' and '.join(r['rate'] for r in rates)} go?")
         ranges = ", ".join(f"{column[r['rate']]} from {r['low']:g} to {r['high']:g} ({r['compresses']} compresses more)"
@@ -114,7 +114,10 @@ def show(found_id: str, refreshing: bool = False) -> None:
                     else ["on the front", "not on the front"])
         color = alt.Color("verdict:N", scale=alt.Scale(domain=verdicts, range=["#2ca02c", "#d62728"]),
                           legend=alt.Legend(title=None, orient="bottom", labelLimit=300))
-        if spec.get("goal") in ("front", "size", "speed") or portfolio:
+        if spec.get("goal") == "speed":
+            x = alt.X("speed vs the original:Q", title="× faster than the original (batch 1)",
+                      scale=alt.Scale(zero=False, padding=12))
+        elif spec.get("goal") in ("front", "size") or portfolio:
             x = alt.X("× smaller:Q", title="× smaller (size)", scale=alt.Scale(zero=False, padding=12))
         else:
             x = alt.X(f"{column[x_rate['rate']]}:Q", title=f"{column[x_rate['rate']]} (more compression to the right)",

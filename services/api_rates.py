@@ -40,8 +40,8 @@ def start_search(db, model_id: str, recipe, rate: str | list[str], max_drop: flo
 
 SEARCH_GOALS = {"max-drop": "the most compression within the allowed drop",
                 "front": "the Pareto front (score against size)",
-                "size": "the best score under a size",
-                "speed": "the best score at a speed-up"}
+                "size": "the best score within a size budget (MB)",
+                "speed": "the best score at least N× faster"}
 
 
 def score_change_words(change_points: float) -> str:

@@ -52,7 +52,9 @@ def start(db, model_id: str, recipe: dict | str, rate: str | list[str], max_drop
         return _start_portfolio(db, model_id, goal, max_drop, max_mb, min_speedup, budget, task, check_recipe,
                                 minutes)
     if not names or len(set(names)) != len(names):
-        raise UserError("Name each rate to search once (--rate, repeated for several).")
+        raise UserError("The Pareto front needs at least one setting to move (Settings to push on the Search page, "
+                        "--rate on the command line)." if not names else
+                        "Name each setting to search once (--rate, repeated for several).")
     for name in names:
         if name not in rates:
             raise UserError(f"--rate must name a compression rate, one of {', '.join(sorted(rates))}; got {name!r}.")

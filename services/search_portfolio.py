@@ -66,10 +66,16 @@ def merit(spec: dict, trial: dict) -> float:
     return trial["size_ratio"] if spec["goal"] == "max-drop" else -trial["drop"]
 
 
+# Rates that change no latency: zeroed weights still go through dense kernels. A speed goal never
+# refines them (a browser check saw a speed search spend two trials pruning 69 % and 99 % for nothing).
+SPEED_NEUTRAL = ("prune.magnitude",)
+
+
 def to_refine(portfolio: list[dict], spec: dict, rates: dict) -> dict | None:
     """The candidate trial worth a rate search: the best within the limit among those with a rate; if
     none is within it, the one closest to it (its rate will be searched towards the limit)."""
-    with_rate = [t for t in portfolio if "drop" in t and rate_of(t["recipe"], rates)]
+    with_rate = [t for t in portfolio if "drop" in t and rate_of(t["recipe"], rates)
+                 and not (spec["goal"] == "speed" and rate_of(t["recipe"], rates)["method"] in SPEED_NEUTRAL)]
     feasible = [t for t in with_rate if excess(spec, t) <= 0]
     if feasible:
         return max(feasible, key=lambda t: merit(spec, t))
@@ -132,7 +138,7 @@ def conclude(trials: list[dict], spec: dict) -> dict:
                         f"{closest['drop']:.1f} points, over the allowed {point_count(spec['max_drop'])}.")
         else:
             sentence = (f"No candidate meets the goal ({goal_words(spec)}): the closest, {describe(closest)}, is "
-                        f"{_effect(closest)}.")
+                        f"{_effect(closest)} ({len(measured)} trials).")
         return {"sentence": sentence, "best": None, "trials": len(measured)}
     best = max(feasible, key=lambda t: merit(spec, t))
     sentence = f"Recommended: {describe(best)}, {_effect(best)}."
@@ -147,6 +153,8 @@ def conclude(trials: list[dict], spec: dict) -> dict:
 def _effect(trial: dict) -> str:
     from services.search import points
 
-    speed = (f"{trial['speed_ratio']:.1f}× faster" if trial["speed_ratio"] >= 1
-             else f"{1 / trial['speed_ratio']:.1f}× slower")
+    # two decimals near 1: "1.0× slower" would hide a 5 % loss
+    decimals = 2 if 0.9 < trial["speed_ratio"] < 1.1 else 1
+    speed = (f"{trial['speed_ratio']:.{decimals}f}× faster" if trial["speed_ratio"] >= 1
+             else f"{1 / trial['speed_ratio']:.{decimals}f}× slower")
     return f"{trial['size_bytes'] / 1e6:.3g} MB, {trial['size_ratio']:.1f}× smaller, {speed}, {points(-trial['drop'])}"

@@ -137,7 +137,7 @@ def test_a_size_budget_alone_picks_the_methods_and_the_best_score_that_fits(prep
     assert sentence.startswith("Recommended: ") and f"at most {max_mb:g} MB" in sentence and " MB, " in sentence
     with pytest.raises(UserError, match="more than 1"):
         api.start_search(prepared_db, "digits-cnn", {}, None, None, 8, goal="speed", min_speedup=1.0)
-    with pytest.raises(UserError, match="needs the settings to move|Name each rate"):
+    with pytest.raises(UserError, match="The Pareto front needs at least one setting"):
         api.start_search(prepared_db, "digits-cnn", {}, None, None, 8, goal="front")
 
 

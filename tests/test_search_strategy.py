@@ -85,3 +85,17 @@ def test_a_budget_refinement_finds_the_mildest_setting_that_fits(goal, budget_ke
     best = min(t["params"][rate["rate"]] for t in fitting)
     edge = next(a / 1000 for a in range(951) if excess(spec, trial(a / 1000)) <= 0)  # the true mildest fit
     assert edge - 0.001 <= best <= edge + 0.03, (best, edge, [t["params"] for t in line])
+
+
+def test_a_speed_goal_never_refines_a_rate_that_changes_no_latency():
+    from services.search import rate_params
+    from services.search_portfolio import to_refine
+
+    def candidate(method: str, amount: float, speed: float) -> dict:
+        return {"recipe": {"steps": [{"method": method, "params": {"amount": amount}}]}, "drop": 0.1,
+                "speed_ratio": speed, "size_ratio": 2.0, "size_bytes": 1e5}
+
+    magnitude, structured = candidate("prune.magnitude", 0.5, 1.4), candidate("prune.structured", 0.3, 1.2)
+    spec = {"goal": "speed", "min_speedup": 1.5}
+    assert to_refine([magnitude, structured], spec, rate_params()) is structured  # magnitude is closer, but dense
+    assert to_refine([magnitude, structured], {"goal": "size", "max_mb": 0.05}, rate_params()) is not None
