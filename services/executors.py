@@ -1,7 +1,8 @@
 """Executors run one claimed job somewhere and report back; the worker does the bookkeeping.
 
-The interface is small so that a distributed executor (Ray) can be added beside the local one:
-`start(job)` returns a handle with `poll_events()`, `finished()`, `outcome()` and `cancel()`.
+The interface is small so that a distributed executor (Ray, services/executor_ray.py) sits beside
+the local one: `start(job)` returns a handle with `poll_events()`, `finished()`, `outcome()` and
+`cancel()`.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Outcome:
     result: dict | None
     reason: str | None  # why it failed, in plain words (None when it succeeded)
     model_update: dict | None = None  # for a failure that leaves the model unusable
+    retry: bool = False  # the process or node running it died: worth another attempt
 
 
 def _die_with_parent() -> None:
@@ -157,4 +159,8 @@ def make_executor(home: Path):
     name = os.environ.get("EXPLORER_EXECUTOR", "local")
     if name == "local":
         return LocalExecutor(home)
-    raise ValueError(f"EXPLORER_EXECUTOR={name!r} is not available; use 'local'.")
+    if name == "ray":
+        from services.executor_ray import RayExecutor
+
+        return RayExecutor(home)
+    raise ValueError(f"EXPLORER_EXECUTOR={name!r} is not available; use 'local' or 'ray'.")

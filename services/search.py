@@ -334,8 +334,9 @@ def _advance_optuna(db, search: dict, spec: dict, trials: list[dict], check_reci
             q.stop_early(db, trial["job_id"], search_optuna.why_ruled_out(spec, by))
             trial["status"] = "cancelled"
     active = sum(t["status"] in q.ACTIVE for t in trials)
-    # One trial per live worker at a time: trials run in parallel when several workers run.
-    parallel = max(1, len(q.live_workers(db)))
+    # As many trials in flight as the live workers run jobs at once (workers × EXPLORER_JOBS_IN_FLIGHT;
+    # on Ray, the tasks spread over the cluster): trials run in parallel.
+    parallel = max(1, q.live_slots(db))
     if active >= parallel or (active and (len(trials) >= spec["budget"] or _out_of_time(search, spec))):
         return "running"  # a running trial is finished and counted before the search concludes
     if len(trials) >= spec["budget"] or _out_of_time(search, spec):

@@ -32,34 +32,58 @@ class Worker:
         self.executor = executor or make_executor(self.db.home)
         self.id = worker_id or f"{platform.node()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.stopping = False
+        self.max_in_flight = max(1, int(os.environ.get("EXPLORER_JOBS_IN_FLIGHT", "1")))
+        self.in_flight: dict[str, tuple[dict, object]] = {}  # job id -> (job, executor handle)
 
     def serve(self, once: bool = False) -> int:
-        """Work until stopped (or, with once=True, until the queue is empty). Returns jobs handled."""
-        q.register_worker(self.db, self.id, os.getpid(), platform.node())
+        """Work until stopped (or, with once=True, until the queue is empty). Returns jobs handled.
+
+        Up to `max_in_flight` jobs run at once (EXPLORER_JOBS_IN_FLIGHT, default 1): each is claimed,
+        heartbeated and stored by this process alone, whichever executor runs it."""
+        q.register_worker(self.db, self.id, os.getpid(), platform.node(), self.max_in_flight)
         handled = 0
-        next_reap = 0.0
+        next_reap = next_beat = 0.0
+        in_flight = self.in_flight
         try:
-            while not self.stopping:
+            while not self.stopping or in_flight:
                 if time.monotonic() >= next_reap:  # a write lock: no need to take it on every poll
                     q.reap_expired(self.db)
                     # a search whose trials all ended without us (a cancelled trial, a restart) moves on
                     self._advance_searches()
                     next_reap = time.monotonic() + min(LEASE_S / 2, 5.0)
-                job = q.claim(self.db, self.id, LEASE_S)
-                if job is None:
+                while len(in_flight) < self.max_in_flight and not self.stopping:
+                    job = q.claim(self.db, self.id, LEASE_S)
+                    if job is None:
+                        break
+                    log.info("job %s (%s) attempt %s", job["id"], job["kind"], job["attempts"])
+                    in_flight[job["id"]] = (job, self.executor.start(job))
+                if not in_flight:
                     if once:
                         break
                     q.touch_worker(self.db, self.id)
                     time.sleep(POLL_S)
                     continue
-                self.run_claimed(job)
-                handled += 1
+                beat = time.monotonic() >= next_beat
+                if beat:
+                    next_beat = time.monotonic() + HEARTBEAT_S
+                    q.touch_worker(self.db, self.id)
+                for job_id, (job, handle) in list(in_flight.items()):
+                    status = self._step(job, handle, beat)
+                    if status is not None:
+                        del in_flight[job_id]
+                        handled += 1
+                        if job.get("search_id") and status in q.FINISHED:
+                            self._advance_searches(job["search_id"])  # its next trial, queued at once
+                time.sleep(0.1)
         finally:
+            for job, handle in in_flight.values():  # an exception above: stop the work, give the jobs back
+                handle.cancel()
+                q.release(self.db, job["id"], self.id)
             q.unregister_worker(self.db, self.id)
         return handled
 
     def run_claimed(self, job: dict) -> str:
-        """Run one job this worker holds; returns its final status."""
+        """Run one job this worker holds to its end (`--wait` working inline); returns its final status."""
         log.info("job %s (%s) attempt %s", job["id"], job["kind"], job["attempts"])
         handle = self.executor.start(job)
         try:
@@ -88,25 +112,38 @@ class Worker:
 
     def _supervise(self, job: dict, handle) -> str:
         next_beat = 0.0
-        while not handle.finished():
-            self._forward_progress(job, handle)
-            if time.monotonic() >= next_beat:
+        while True:
+            beat = time.monotonic() >= next_beat
+            if beat:
                 next_beat = time.monotonic() + HEARTBEAT_S
-                if not q.heartbeat(self.db, job["id"], self.id, LEASE_S):
-                    handle.cancel()  # the job was taken from us (lease lost): stop the duplicate work
-                    return "lost"
                 q.touch_worker(self.db, self.id)
-            if q.cancel_requested(self.db, job["id"]):
-                handle.cancel()
-                q.mark_cancelled(self.db, job["id"], self.id)
-                return "cancelled"
-            if self.stopping:
-                handle.cancel()
-                q.release(self.db, job["id"], self.id)
-                return "queued"
+            status = self._step(job, handle, beat)
+            if status is not None:
+                return status
             time.sleep(0.1)
+
+    def _step(self, job: dict, handle, beat: bool) -> str | None:
+        """Look after one running job once: its progress, its lease, a cancel, its end. Returns its
+        final status when it ended (or was given up), else None."""
+        self._forward_progress(job, handle)
+        if beat and not q.heartbeat(self.db, job["id"], self.id, LEASE_S):
+            handle.cancel()  # the job was taken from us (lease lost): stop the duplicate work
+            return "lost"
+        if q.cancel_requested(self.db, job["id"]):
+            handle.cancel()
+            q.mark_cancelled(self.db, job["id"], self.id)
+            return "cancelled"
+        if self.stopping:
+            handle.cancel()
+            q.release(self.db, job["id"], self.id)
+            return "queued"
+        if not handle.finished():
+            return None
         self._forward_progress(job, handle)
         outcome = handle.outcome()
+        if outcome.reason is not None and outcome.retry:
+            # the process or node running it died (a Ray worker): another attempt, if any are left
+            return q.retry(self.db, job["id"], self.id, outcome.reason)
         if outcome.reason is not None:
             if q.fail(self.db, job["id"], self.id, outcome.reason):
                 if outcome.model_update:

@@ -134,7 +134,12 @@ def _m4_searches(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX jobs_search ON jobs(search_id, created_at)")
 
 
-MIGRATIONS = [_m1_initial, _m2_uploads_and_datasets, _m3_sensitivity_scans, _m4_searches]
+def _m5_worker_slots(db: sqlite_utils.Database) -> None:
+    """How many jobs each worker runs at once (EXPLORER_JOBS_IN_FLIGHT): a search keeps that many trials in flight."""
+    db.execute("ALTER TABLE workers ADD COLUMN slots INTEGER NOT NULL DEFAULT 1")
+
+
+MIGRATIONS = [_m1_initial, _m2_uploads_and_datasets, _m3_sensitivity_scans, _m4_searches, _m5_worker_slots]
 
 
 def schema_version(db: sqlite_utils.Database) -> int:

@@ -151,6 +151,18 @@ def mark_cancelled(db, job_id: str, worker_id: str) -> bool:
     return _finish(db, job_id, worker_id, "cancelled", message=early or "cancelled by the user")
 
 
+def retry(db, job_id: str, worker_id: str, reason: str) -> str:
+    """The process or node running the job died: queue it again if attempts are left (this one
+    counted), else fail it with the reason. Returns the job's new status."""
+    cursor = db.execute(
+        """UPDATE jobs SET status = 'queued', worker_id = NULL, lease_until = NULL, message = ?
+           WHERE id = ? AND worker_id = ? AND status = 'running' AND attempts < max_attempts""",
+        [f"retrying: {reason}"[:500], job_id, worker_id])
+    if cursor.rowcount == 1:
+        return "queued"
+    return "failed" if fail(db, job_id, worker_id, reason) else "lost"
+
+
 def release(db, job_id: str, worker_id: str) -> bool:
     """Give a job back to the queue (the worker is shutting down); the attempt is not counted."""
     cursor = db.execute(
@@ -235,9 +247,9 @@ def list_jobs(db, status: str | None = None, limit: int = 100, offset: int = 0, 
 
 
 # Workers register themselves so the UI can say whether anyone is serving the queue.
-def register_worker(db, worker_id: str, pid: int, host: str) -> None:
+def register_worker(db, worker_id: str, pid: int, host: str, slots: int = 1) -> None:
     db["workers"].insert(
-        {"id": worker_id, "pid": pid, "host": host, "started_at": utcnow(), "last_seen": time.time()},
+        {"id": worker_id, "pid": pid, "host": host, "started_at": utcnow(), "last_seen": time.time(), "slots": slots},
         pk="id", replace=True)
 
 
@@ -251,3 +263,8 @@ def unregister_worker(db, worker_id: str) -> None:
 
 def live_workers(db, within_s: float = DEFAULT_LEASE_S) -> list[dict]:
     return list(db.query("SELECT * FROM workers WHERE last_seen > ?", [time.time() - within_s]))
+
+
+def live_slots(db, within_s: float = DEFAULT_LEASE_S) -> int:
+    """How many jobs the live workers run at once, all together (each worker's EXPLORER_JOBS_IN_FLIGHT)."""
+    return sum(max(1, int(w.get("slots") or 1)) for w in live_workers(db, within_s))

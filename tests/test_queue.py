@@ -285,6 +285,15 @@ def test_workers_register_heartbeat_and_leave(db):
     assert db.execute("SELECT count(*) FROM workers").fetchone()[0] == 0
 
 
+def test_live_slots_count_the_jobs_every_live_worker_runs_at_once(db):
+    assert q.live_slots(db) == 0
+    q.register_worker(db, "w1", 1, "host-a")  # one job at a time (the default)
+    q.register_worker(db, "w2", 2, "host-b", slots=2)  # EXPLORER_JOBS_IN_FLIGHT=2
+    assert q.live_slots(db) == 3
+    db.execute("UPDATE workers SET last_seen = ? WHERE id = 'w2'", [time.time() - 3600])
+    assert q.live_slots(db) == 1
+
+
 # ---- claims from several processes at once ---------------------------------------------------
 
 def _claim_until_empty(home: str, worker_id: str, barrier, results) -> None:

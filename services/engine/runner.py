@@ -25,47 +25,58 @@ def _emitter():
     return emit
 
 
+def run_job(job: dict, model: dict, home, progress) -> dict:
+    """Do one job's work and return its result (a run, a model card, a scan). Reads and writes only
+    the artifact folder under `home`, never the database: the local child and a Ray task share it."""
+    from storage import ArtifactStore
+    from services.engine import pipeline
+
+    store = ArtifactStore(home)
+    if job["kind"] == "prepare":
+        return pipeline.prepare(store, model, progress)
+    if job["kind"] == "compress":
+        payload = job["payload"]
+        return pipeline.compress(store, model, payload["recipe"], payload["run_id"], progress)
+    if job["kind"] == "sensitivity":
+        from services.engine import sensitivity
+
+        return sensitivity.scan(store, model, job["payload"], job["id"], progress)
+    raise UserError(f"Unknown job kind {job['kind']!r}.")
+
+
+def failure_event(error: BaseException) -> dict:
+    """The error event for an exception: the reason in words (a fault's traceback goes to the log)."""
+    if isinstance(error, StaleModelError):
+        return {"type": "error", "reason": str(error), "model_update": {"status": "new"}}
+    if isinstance(error, UserError):
+        return {"type": "error", "reason": str(error)}
+    traceback.print_exception(error)
+    return {"type": "error", "reason": f"The job failed inside the engine: {type(error).__name__}: {error}"}
+
+
 def main(job_id: str) -> int:
     emit = _emitter()
     try:
         # torch is imported only by the jobs that need it (an ONNX upload does not); the worker sets
         # OMP_NUM_THREADS for it.
-        from storage import ArtifactStore, open_db
+        from storage import open_db
         from storage.queue import get_job
-        from services.engine import pipeline
 
         db = open_db()
         job = get_job(db, job_id)
         model = dict(next(db.query("SELECT * FROM models WHERE id = ?", [job["model_id"]])))
-        store = ArtifactStore(db.home)
+        home = db.home
         db.conn.close()
 
         def progress(fraction: float, message: str) -> None:
             emit({"type": "progress", "progress": round(float(fraction), 4), "message": message})
 
-        if job["kind"] == "prepare":
-            result = pipeline.prepare(store, model, progress)
-        elif job["kind"] == "compress":
-            payload = job["payload"]
-            result = pipeline.compress(store, model, payload["recipe"], payload["run_id"], progress)
-        elif job["kind"] == "sensitivity":
-            from services.engine import sensitivity
-
-            result = sensitivity.scan(store, model, job["payload"], job_id, progress)
-        else:
-            raise UserError(f"Unknown job kind {job['kind']!r}.")
-        emit({"type": "result", "result": result})
+        emit({"type": "result", "result": run_job(job, model, home, progress)})
         return 0
-    except StaleModelError as error:
-        emit({"type": "error", "reason": str(error), "model_update": {"status": "new"}})
-        return 3
-    except UserError as error:
-        emit({"type": "error", "reason": str(error)})
-        return 3
-    except Exception as error:  # an internal fault: the reason in words, the traceback in the log
-        traceback.print_exc()
-        emit({"type": "error", "reason": f"The job failed inside the engine: {type(error).__name__}: {error}"})
-        return 4
+    except Exception as error:  # noqa: BLE001 - every failure becomes a reason the worker stores
+        event = failure_event(error)
+        emit(event)
+        return 3 if isinstance(error, UserError) else 4
 
 
 if __name__ == "__main__":

@@ -1,0 +1,102 @@
+"""The Ray executor (services/executor_ray.py) on a local Ray: real jobs, real Ray tasks.
+
+The worker runs in this test process (it is the Ray driver), with two jobs in flight; the jobs
+are real digits-cnn compress jobs, and a long one (a student trained for many steps) is cancelled
+or has its Ray worker process killed with SIGKILL mid-task.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+
+from conftest import wait_until
+from services import api
+from storage import queue as q
+
+pytestmark = pytest.mark.slow
+QUICK = {"steps": [{"method": "prune.magnitude", "params": {"amount": 0.5}}]}
+LONG = {"steps": [{"method": "distill.student", "params": {"width": 0.5, "steps": 20000}}]}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_worker(local_ray, prepared_db, monkeypatch):
+    """A worker serving in a thread with the Ray executor and two jobs in flight; stopped at the end."""
+    from services.executor_ray import RayExecutor
+    from services.worker import Worker
+
+    monkeypatch.setenv("EXPLORER_JOBS_IN_FLIGHT", "2")
+    worker = Worker(db=api.connect(prepared_db.home), executor=RayExecutor(prepared_db.home))
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    # registered before any test waits on a job (else wait_for_job would run it inline, not on Ray)
+    wait_until(lambda: any(w["id"] == worker.id for w in q.live_workers(prepared_db)), timeout=60,
+               what="the worker to register")
+    yield worker
+    worker.stopping = True
+    thread.join(60)
+
+
+def _running_task(worker, job_id: str, timeout: float = 120):
+    """The Ray task's process of a running job, once it reported in (its 'started' event)."""
+    def started():
+        found = worker.in_flight.get(job_id)
+        if found and found[1].started:
+            return found[1].started
+        return None
+    return wait_until(started, timeout=timeout, what="the Ray task to start")
+
+
+def test_two_jobs_run_as_ray_tasks_and_the_run_says_where(ray_worker, prepared_db):
+    runs = [api.submit_compress(prepared_db, "digits-cnn", QUICK) for _ in range(2)]
+    for submitted in runs:
+        job = api.wait_for_job(prepared_db, submitted["job_id"], 240)
+        assert job["status"] == "succeeded", job
+    for submitted in runs:
+        run = api.get_run(prepared_db, submitted["run_id"])
+        assert run["runner"]["executor"] == "ray" and run["runner"]["node"]
+        assert run["metrics"]["score"] > 0.9 and os.path.isfile(run["artifact"])
+    jobs = [q.get_job(prepared_db, s["job_id"]) for s in runs]
+    assert all(j["attempts"] == 1 and j["message"] == "done" for j in jobs)
+
+
+def test_cancel_reaches_the_ray_task(ray_worker, prepared_db):
+    submitted = api.submit_compress(prepared_db, "digits-cnn", LONG)
+    task = _running_task(ray_worker, submitted["job_id"])
+    wait_until(lambda: q.get_job(prepared_db, submitted["job_id"])["progress"] > 0, timeout=120,
+               what="progress from the Ray task to reach the job")
+    api.cancel_job(prepared_db, submitted["job_id"])
+    job = wait_until(lambda: (j := q.get_job(prepared_db, submitted["job_id"]))["status"] == "cancelled" and j,
+                     timeout=60, what="the job to be cancelled")
+    assert job["status"] == "cancelled"
+    wait_until(lambda: not _alive(task["pid"]), timeout=30, what="the task's process to end")
+
+
+def test_a_killed_ray_worker_process_is_retried_and_the_job_ends_once(ray_worker, prepared_db):
+    recipe = {"steps": [{"method": "distill.student", "params": {"width": 0.5, "steps": 600}}]}
+    submitted = api.submit_compress(prepared_db, "digits-cnn", recipe)
+    task = _running_task(ray_worker, submitted["job_id"])
+    os.kill(task["pid"], signal.SIGKILL)
+    job = wait_until(lambda: (j := q.get_job(prepared_db, submitted["job_id"]))["status"] in q.FINISHED and j,
+                     timeout=400, what="the job to end after its retry")
+    assert job["status"] == "succeeded" and job["attempts"] == 2, job
+    assert len(list(prepared_db.query("SELECT id FROM runs WHERE job_id = ?", [submitted["job_id"]]))) == 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
