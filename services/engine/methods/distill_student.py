@@ -186,16 +186,17 @@ def _distill_text(net, params, context) -> None:
     if fit.extra.get("overlaps_scoring"):
         described += " (your data set has no second split: the student was trained on the samples it is scored on)"
 
+    # The teacher is the original, untouched by earlier steps (a factorized or trimmed embedding would
+    # otherwise cap the student at what those steps kept), when the pipeline can load it.
+    teacher = (context.load_original() if context.load_original is not None else copy.deepcopy(net)).eval()
     if mixed:
-        # Mixed-vocabulary distillation: the teacher is the original with its full vocabulary and reads the
-        # original token ids; the student (the trimmed model's layers) reads the trimmed tokenizer's ids.
-        teacher = context.load_original().eval()
+        # Mixed-vocabulary distillation: the teacher reads the original token ids of its full vocabulary;
+        # the student (the trimmed model's layers) reads the trimmed tokenizer's ids of the same texts.
         teacher_feed = context.adapter.encode(texts)
         student_feed = context.adapter.encode(texts, tokenizer_file=context.tokenizer_file)
         batches = distill.paired_batches([teacher_feed[n] for n in names], [student_feed[n] for n in names],
                                          params["batch_size"], params["seed"], names.index("attention_mask"))
     else:
-        teacher = copy.deepcopy(net).eval()
         arrays = [fit.inputs[name] for name in names]
         if len(texts) > len(arrays[0]):  # the docstrings, encoded like the fitting split
             encoded = context.adapter.encode(texts[len(arrays[0]):])
@@ -206,14 +207,17 @@ def _distill_text(net, params, context) -> None:
     layer_list, indices = drop_layers(net, params["layers"])
     pairs = [(f"{layer_list}.{j}", f"{layer_list}.{i}") for j, i in enumerate(indices)]
     # The embedding tables stay as they are: a few thousand paragraphs would move only the rows of the
-    # tokens they contain, away from all the others; and skipping their gradients halves a step. A trimmed
-    # vocabulary's word table is the exception: its rows are the tokens the counted texts use, and words
-    # it now spells in smaller pieces (or reads through a stand-in) must be learned anew.
-    word_table = None
-    if mixed:
-        from services.engine.methods.share_embedding import token_table, word_embedding
+    # tokens they contain, away from all the others; and skipping their gradients halves a step. A word
+    # table an earlier step changed is the exception: a trimmed vocabulary's rows are the tokens the counted
+    # texts use, and words it now spells in pieces (or reads through a stand-in) must be learned anew; a
+    # factorized table (share.embedding) learns with its projection.
+    from services.engine.methods.share_embedding import token_table, word_embedding
 
-        word_table = token_table(word_embedding(net)[1])
+    word_table = token_table(word_embedding(net)[1])
+    original_table = token_table(word_embedding(teacher)[1])
+    if word_table is not None and original_table is not None and word_table.weight.shape == original_table.weight.shape \
+            and not mixed:
+        word_table = None  # the original's own table: frozen
     frozen = [p for m in net.modules() if isinstance(m, torch.nn.Embedding) and m is not word_table
               for p in m.parameters()]
     for parameter in frozen:
