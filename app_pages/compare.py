@@ -8,6 +8,8 @@ from ui.format import recipe_summary
 from ui.session import get_db
 from ui.tables import COLUMN_ORDER, column_config, runs_frame
 
+RUNS_PER_PAGE = 1000
+
 st.title("Compare")
 db = get_db()
 models = [m for m in api.list_models(db)]
@@ -18,7 +20,15 @@ if st.query_params.get("model") != model_id:
     st.query_params["model"] = model_id
 model = api.get_model(db, model_id)
 
-runs = api.list_runs(db, model_id, limit=1000)
+# A bounded page of runs, newest first: a model with 10,000 runs never loads them all (the table, the
+# charts and the Pareto front cover the page shown).
+total = api.count_runs(db, model_id)
+page = 0
+if total > RUNS_PER_PAGE:
+    page = st.selectbox("Runs shown", range((total + RUNS_PER_PAGE - 1) // RUNS_PER_PAGE), key="compare-page",
+                        format_func=lambda p: f"{p * RUNS_PER_PAGE + 1:,}–{min(total, (p + 1) * RUNS_PER_PAGE):,} of "
+                                              f"{total:,}, newest first")
+runs = api.list_runs(db, model_id, limit=RUNS_PER_PAGE, offset=page * RUNS_PER_PAGE)
 if not runs:
     st.info("No runs of this model yet. Submit one on the Compress page.")
     st.page_link("app_pages/compress.py", label="Compress it", icon=":material/compress:", query_params={"model": model_id})
@@ -88,7 +98,7 @@ together = len(family) > 1 and st.toggle(f"Show the whole family ({', '.join(fam
 if together:
     chart_frame = []
     for member in family:
-        member_runs = [r for r in api.list_runs(db, member, limit=1000) if r["recipe"]["task"] == task]
+        member_runs = [r for r in api.list_runs(db, member, limit=RUNS_PER_PAGE) if r["recipe"]["task"] == task]
         if member_runs:
             chart_frame.append(runs_frame(member_runs, member_runs[0]["baseline"]).assign(model=member))
     import pandas as pd

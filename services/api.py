@@ -405,6 +405,10 @@ def list_runs(db, model_id: str | None = None, limit: int = 100, offset: int = 0
     return [_run_record(r, db.home) for r in rows]
 
 
+def count_runs(db, model_id: str) -> int:
+    return db.execute("SELECT count(*) FROM runs WHERE model_id = ?", [model_id]).fetchone()[0]
+
+
 def get_run(db, run_id: str) -> dict:
     """A run's record; for a run still being made, its job's status and no metrics yet."""
     rows = list(db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
