@@ -5,7 +5,7 @@ from services import api
 from services.catalog import architecture_of, family_of
 from ui.charts import rate_chart, tradeoff_chart
 from ui.format import recipe_summary
-from ui.session import get_db
+from ui.session import get_db, share_links_panel
 from ui.tables import COLUMN_ORDER, column_config, runs_frame
 
 RUNS_PER_PAGE = 1000
@@ -88,6 +88,8 @@ if picked:
         st.markdown(f"- [{recipe_summary(run['recipe'])}]({run['share_path']}): "
                     f"{api.summary_sentence(run['metrics'], run['baseline'])}")
     st.caption("This page's link keeps the model, the task and the picked runs: share it to share the comparison.")
+    site = (st.context.url or "").split("?")[0].rsplit("/", 1)[0]
+    share_links_panel(db, "comparison", {"model": model_id, "task": task, "runs": picked}, "model", model_id, site)
 
 # ---- the trade-off, with the Pareto front; optionally the whole model family on one chart
 family = family_of(model_id)

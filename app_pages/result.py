@@ -7,7 +7,7 @@ from services import api
 from services.errors import UserError
 from ui.charts import comparison_bars, tradeoff_chart
 from ui.format import human_bytes, human_count, ms, per_second, ratio_delta, recipe_summary
-from ui.session import get_db
+from ui.session import get_db, share_links_panel
 from ui.tables import runs_frame
 
 db = get_db()
@@ -151,6 +151,7 @@ with download_col:
                 else:
                     st.success(f"Published: {url}")
 
-st.markdown("**Share this result**: anyone with the link sees this page, read-only.")
+st.markdown("**Link to this page** (for whoever can open this dashboard):")
 page_url = (st.context.url or "").split("?")[0]
 st.code(f"{page_url}?id={run['id']}" if page_url else run["share_path"], language=None, wrap_lines=True)
+share_links_panel(db, "run", {"run": run["id"]}, "run", run["id"], page_url.rsplit("/", 1)[0] if page_url else "")

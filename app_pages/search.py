@@ -9,7 +9,7 @@ import streamlit as st
 from services import api
 from services.catalog import TASKS
 from services.errors import UserError
-from ui.session import get_db, worker_banner
+from ui.session import get_db, share_links_panel, worker_banner
 
 db = get_db()
 search_id = st.query_params.get("id", "")
@@ -154,6 +154,13 @@ if search_id:
     if running:
         worker_banner(db)
     st.fragment(run_every=2.0 if running else None)(show)(search_id, refreshing=running)
+    try:
+        api.get_search(db, search_id)
+    except UserError:
+        pass
+    else:
+        site = (st.context.url or "").split("?")[0].rsplit("/", 1)[0]
+        share_links_panel(db, "search", {"search": search_id}, "search", search_id, site)
     st.page_link("app_pages/search.py", label="Start another search", icon=":material/search:")
     st.stop()
 

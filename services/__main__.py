@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run the background service")
     worker.add_argument("--once", action="store_true", help="drain the queue, then exit")
+    sub.add_parser("hash-password", help="read a team password from stdin (or a prompt) and print the "
+                                         "EXPLORER_PASSWORD_HASH for it")
 
     models = sub.add_parser("models").add_subparsers(dest="action", required=True, parser_class=_Parser)
     models.add_parser("list").add_argument("--json", action="store_true")
@@ -251,6 +253,14 @@ def main(argv=None) -> int:
         from services.worker import main as worker_main
 
         return worker_main(once=args.once)
+    if args.command == "hash-password":
+        import getpass
+
+        from services.access import hash_password
+
+        password = getpass.getpass("Team password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\n")
+        print(hash_password(password))
+        return 0
 
     from services import api
 

@@ -139,7 +139,23 @@ def _m5_worker_slots(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE workers ADD COLUMN slots INTEGER NOT NULL DEFAULT 1")
 
 
-MIGRATIONS = [_m1_initial, _m2_uploads_and_datasets, _m3_sensitivity_scans, _m4_searches, _m5_worker_slots]
+def _m6_shares(db: sqlite_utils.Database) -> None:
+    """Share links: one result, comparison or search, read-only, revocable, optionally expiring."""
+    db.execute(
+        """
+        CREATE TABLE shares (
+            id TEXT PRIMARY KEY,           -- 128 random bits: /share?id=...
+            kind TEXT NOT NULL,            -- run | search | comparison
+            target TEXT NOT NULL,          -- JSON: {"run": id} | {"search": id} | {"model", "task", "runs": [ids]}
+            created_at TEXT NOT NULL,
+            expires_at TEXT,               -- ISO time, or NULL: never
+            revoked_at TEXT
+        )"""
+    )
+
+
+MIGRATIONS = [_m1_initial, _m2_uploads_and_datasets, _m3_sensitivity_scans, _m4_searches, _m5_worker_slots,
+              _m6_shares]
 
 
 def schema_version(db: sqlite_utils.Database) -> int:

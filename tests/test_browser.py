@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import parse_qs, urljoin, urlparse
 
@@ -66,13 +67,12 @@ def _stop(proc: subprocess.Popen) -> None:
             pass
 
 
-@pytest.fixture(scope="module")
-def ui_server(tmp_path_factory):
-    """The web app and a worker on a fresh data folder; yields the base URL."""
-    tmp_path = tmp_path_factory.mktemp("ui-server")
+@contextmanager
+def _app_server(tmp_path: Path, extra_env: dict | None = None, worker: bool = True):
+    """The web app (and a worker) on a fresh data folder under tmp_path; yields (base URL, home)."""
     home = tmp_path / "home"
     home.mkdir()
-    env = {**os.environ, **APP_ENV, "EXPLORER_HOME": str(home)}
+    env = {**os.environ, **APP_ENV, "EXPLORER_HOME": str(home), **(extra_env or {})}
     env.pop("EXPLORER_EXECUTOR", None)
     port = _free_port()
     procs = []
@@ -87,7 +87,8 @@ def ui_server(tmp_path_factory):
     try:
         start("streamlit", ["streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true",
                             "--browser.gatherUsageStats", "false"])
-        start("worker", ["services", "worker"])
+        if worker:
+            start("worker", ["services", "worker"])
         base = f"http://localhost:{port}"
         deadline = time.monotonic() + 60
         while True:
@@ -100,13 +101,20 @@ def ui_server(tmp_path_factory):
             if procs[0].poll() is not None or time.monotonic() > deadline:
                 pytest.fail("the web app did not come up:\n" + logs["streamlit"].read_text(errors="replace"))
             time.sleep(0.2)
-        yield base
+        yield base, home
     finally:
         for proc in procs:
             _stop(proc)
         for name, path in logs.items():  # kept beside the screenshots for whoever debugs a failure
             if path.exists():
                 print(f"----- {name} log -----\n{path.read_text(errors='replace')[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def ui_server(tmp_path_factory):
+    """The web app and a worker on a fresh data folder; yields the base URL."""
+    with _app_server(tmp_path_factory.mktemp("ui-server")) as (base, _):
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -217,4 +225,51 @@ def test_submit_watch_and_share_in_a_real_browser(ui_browser, ui_server, tmp_pat
         _shot(viewer, tmp_path, "models.png")
     finally:
         other.close()
+        context.close()
+
+
+def test_with_sign_in_on_pages_show_only_the_sign_in_and_a_share_link_only_its_run(ui_browser, tmp_path):
+    """Served with EXPLORER_SIGN_IN=required: every page is the sign-in; a share link opens without it, shows
+    its one run and no navigation; a withdrawn link says so."""
+    from playwright.sync_api import expect
+
+    from services import access, api
+
+    secret = "correct horse battery"
+    env = {"EXPLORER_SIGN_IN": "required", "EXPLORER_PASSWORD_HASH": access.hash_password(secret)}
+    with _app_server(tmp_path, env, worker=False) as (base, home):
+        db = api.connect(home)
+        submitted = api.submit_compress(db, "digits-cnn", {"steps": [{"method": "prune.magnitude"}]})
+        api.wait_for_job(db, submitted["job_id"], 240)  # inline: no worker runs here
+        share = access.create_share(db, "run", {"run": submitted["run_id"]})
+        context = ui_browser.new_context(viewport={"width": 1400, "height": 1000})
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        for path in ("/", "/compare", "/jobs", f"/result?id={submitted['run_id']}", "/search"):
+            page.goto(base + path)
+            _wait_for_app(page)
+            expect(page.get_by_label("Team password")).to_be_visible()
+            assert submitted["run_id"] not in page.content()
+            assert page.locator('[data-testid="stSidebarNav"]').count() == 0
+        _shot(page, tmp_path, "sign-in.png")
+
+        page.goto(f"{base}/share?id={share['id']}")
+        _wait_for_app(page)
+        expect(page.get_by_role("heading", name=re.compile("Digits CNN: prune.magnitude"))).to_be_visible()
+        assert page.locator('[data-testid="stSidebarNav"]').count() == 0  # nowhere else to go
+        assert page.get_by_role("button").count() == 0 or not page.get_by_role("button", name="Submit job").count()
+        _shot(page, tmp_path, "share.png")
+
+        access.revoke_share(db, share["id"])
+        page.goto(f"{base}/share?id={share['id']}")
+        _wait_for_app(page)
+        expect(page.get_by_text("This link was withdrawn by the person who shared it.")).to_be_visible()
+        page = context.new_page()  # and signing in opens the rest
+        page.set_default_timeout(30_000)
+        page.goto(f"{base}/compare")
+        _wait_for_app(page)
+        page.wait_for_timeout(1000)  # the form is inert while the first run settles
+        page.get_by_label("Team password").fill(secret)
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.locator('[data-testid="stSidebarNav"]')).to_be_visible()
         context.close()
