@@ -100,3 +100,41 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_queue_of_12_jobs_survives_ray_task_processes_killed_three_times(ray_worker, prepared_db):
+    """The chaos test of issue 7 on Ray: two jobs in flight, a running task's process SIGKILLed at three random
+    moments; every job ends exactly once (succeeded, or failed with its reason after its last attempt)."""
+    import random
+    import time
+
+    recipes = [{"steps": [{"method": "distill.student", "params": {"width": 0.5, "steps": 100 + 5 * i}}]}
+               for i in range(12)]
+    submitted = [api.submit_compress(prepared_db, "digits-cnn", recipe) for recipe in recipes]
+    rng = random.Random(11)
+    kills = 0
+    deadline = time.monotonic() + 240
+    while kills < 3 and time.monotonic() < deadline:
+        time.sleep(rng.uniform(0.5, 2.0))
+        running = [handle.started for _, handle in list(ray_worker.in_flight.values()) if handle.started]
+        if running:
+            victim = rng.choice(running)
+            if _alive(victim["pid"]):
+                os.kill(victim["pid"], signal.SIGKILL)
+                kills += 1
+    assert kills == 3, "the jobs ended before three kills: nothing was tested"
+
+    def all_ended():
+        return all(q.get_job(prepared_db, s["job_id"])["status"] in q.FINISHED for s in submitted)
+    wait_until(all_ended, timeout=400, interval=0.2, what="every job to end")
+    retried = 0
+    for item in submitted:
+        job = q.get_job(prepared_db, item["job_id"])
+        runs = list(prepared_db.query("SELECT id FROM runs WHERE job_id = ?", [item["job_id"]]))
+        if job["status"] == "succeeded":
+            assert [r["id"] for r in runs] == [item["run_id"]]
+        else:
+            assert job["status"] == "failed" and job["error"] and job["attempts"] == job["max_attempts"], job
+            assert runs == []
+        retried += job["attempts"] > 1
+    assert retried >= 1  # the killed tasks were run again
