@@ -108,7 +108,7 @@ def test_a_queue_of_12_jobs_survives_ray_task_processes_killed_three_times(ray_w
     import random
     import time
 
-    recipes = [{"steps": [{"method": "distill.student", "params": {"width": 0.5, "steps": 100 + 5 * i}}]}
+    recipes = [{"steps": [{"method": "distill.student", "params": {"width": 0.5, "steps": 300 + 10 * i}}]}
                for i in range(12)]
     submitted = [api.submit_compress(prepared_db, "digits-cnn", recipe) for recipe in recipes]
     rng = random.Random(11)
