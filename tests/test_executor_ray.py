@@ -108,14 +108,14 @@ def test_a_queue_of_12_jobs_survives_ray_task_processes_killed_three_times(ray_w
     import random
     import time
 
-    recipes = [{"steps": [{"method": "distill.student", "params": {"width": 0.5, "steps": 300 + 10 * i}}]}
+    recipes = [{"steps": [{"method": "distill.student", "params": {"width": 0.5, "steps": 150 + 5 * i}}]}
                for i in range(12)]
     submitted = [api.submit_compress(prepared_db, "digits-cnn", recipe) for recipe in recipes]
     rng = random.Random(11)
     kills = 0
     deadline = time.monotonic() + 240
     while kills < 3 and time.monotonic() < deadline:
-        time.sleep(rng.uniform(0.5, 2.0))
+        time.sleep(rng.uniform(0.2, 1.0))
         running = [handle.started for _, handle in list(ray_worker.in_flight.values()) if handle.started]
         if running:
             victim = rng.choice(running)
@@ -126,7 +126,7 @@ def test_a_queue_of_12_jobs_survives_ray_task_processes_killed_three_times(ray_w
 
     def all_ended():
         return all(q.get_job(prepared_db, s["job_id"])["status"] in q.FINISHED for s in submitted)
-    wait_until(all_ended, timeout=400, interval=0.2, what="every job to end")
+    wait_until(all_ended, timeout=300, interval=0.2, what="every job to end")
     retried = 0
     for item in submitted:
         job = q.get_job(prepared_db, item["job_id"])
