@@ -305,7 +305,9 @@ def test_api_recipes_and_registry_import_no_torch_or_onnxruntime(tmp_path):
 def test_a_student_after_a_trimmed_vocabulary_is_accepted():
     minilm = {"id": "minilm-l6", "format": "torch", "task": "pydoc-retrieval"}
     for order in (["vocab.trim", "distill.student"], ["distill.student", "vocab.trim"]):
-        _validate({"steps": [{"method": name} for name in order]}, minilm, ["pydoc-retrieval"])
+        clean = _validate({"steps": [{"method": name} for name in order]}, minilm, ["pydoc-retrieval"])
+        assert [step["method"] for step in clean["steps"]] == order  # kept in the order given
+        assert clean["steps"][order.index("distill.student")]["params"]["train_for"] == "float"
 
 
 def test_a_student_trained_for_4_bits_needs_the_matching_4_bit_step():
