@@ -49,8 +49,10 @@ def start(db, model_id: str, recipe: dict | str, rate: str | list[str], max_drop
         raise UserError(f"The goal must be one of {', '.join(GOALS)}; got {goal!r}.")
     _check_budget_goal(goal, max_mb, min_speedup)
     if not names and goal != "front":
-        return _start_portfolio(db, model_id, goal, max_drop, max_mb, min_speedup, budget, task, check_recipe,
-                                minutes)
+        from services import search_portfolio
+
+        return search_portfolio.start(db, model_id, goal, max_drop, max_mb, min_speedup, budget, task,
+                                      check_recipe, minutes)
     if not names or len(set(names)) != len(names):
         raise UserError("The Pareto front needs at least one setting to move (Settings to push on the Search page, "
                         "--rate on the command line)." if not names else
@@ -115,89 +117,6 @@ def _check_minutes(minutes) -> None:
         raise UserError(f"The time budget must be between 0 and 1,440 minutes; got {minutes!r}.")
 
 
-def _start_portfolio(db, model_id: str, goal: str, max_drop, max_mb, min_speedup, budget: int, task: str | None,
-                     check_recipe, minutes) -> dict:
-    """No setting named: measure a portfolio of methods first, then refine the best (search_portfolio)."""
-    from services.api import get_model
-    from services.catalog import architecture_of
-    from services.engine.methods import REGISTRY
-    from services.search_portfolio import candidates
-
-    if goal == "max-drop":
-        max_drop = _allowed_drop(max_drop)
-    model = get_model(db, model_id)
-    task = task or model["tasks"][0]
-    architecture = architecture_of(model)
-    portfolio = candidates(model, task, lambda name: not REGISTRY[name].why_not(model["format"], architecture, model_id),
-                           lambda recipe: check_recipe(db, model_id, recipe))
-    if not portfolio:
-        raise UserError(f"None of the search's candidate methods applies to {model_id}; name a setting to push instead.")
-    if not isinstance(budget, int) or not len(portfolio) + 2 <= budget <= MAX_BUDGET:
-        raise UserError(f"With no setting named, the search first measures {len(portfolio)} candidate recipes, then "
-                        f"refines the best: give it a budget of {len(portfolio) + 2} to {MAX_BUDGET} trials; got {budget!r}.")
-    _check_minutes(minutes)
-    spec = {"recipe": {"task": task, "steps": []}, "rate": None, "method": None, "param": "setting", "low": None,
-            "high": None, "compresses": "higher", "rates": [], "goal": goal, "strategy": "portfolio",
-            "candidates": portfolio, "max_drop": max_drop if goal == "max-drop" else None, "budget": budget,
-            "minutes": None if minutes is None else float(minutes),
-            "max_mb": max_mb if goal == "size" else None, "min_speedup": min_speedup if goal == "speed" else None}
-    search_id = q.new_id()
-    db.execute("INSERT INTO searches (id, model_id, spec, status, created_at) VALUES (?, ?, ?, 'running', ?)",
-               [search_id, model_id, json.dumps(spec), q.utcnow()])
-    advance(db, search_id, check_recipe)
-    return get(db, search_id)
-
-
-def _advance_portfolio(db, search: dict, spec: dict, trials: list[dict], check_recipe) -> str:
-    from services import search_portfolio as portfolio
-
-    if any(t["status"] in q.ACTIVE for t in trials):
-        return "running"
-
-    def queue(recipe: dict, phase: int, candidate: str, values: dict) -> None:
-        recipe = check_recipe(db, search["model_id"], recipe)  # UserError: the caller ends the search
-        recipe["name"] = f"search {search['id'][:6]}, trial {len(trials) + 1 + queued[0]}: {candidate}"
-        queued[0] += 1
-        q.enqueue(db, "compress", search["model_id"],
-                  {"recipe": recipe, "run_id": q.new_id(), "search_rate": next(iter(values.values()), 0.0),
-                   "search_params": values, "phase": phase, "candidate": candidate}, search_id=search["id"])
-
-    queued = [0]
-    rates = rate_params()
-    done = lambda outcome: _store(db, search["id"], "succeeded", outcome)  # noqa: E731
-    if not trials:  # phase 1: every candidate at once
-        try:
-            for candidate in spec["candidates"]:
-                found = portfolio.rate_of(candidate["recipe"], rates)
-                queue(candidate["recipe"], 1, candidate["label"], {found["rate"]: found["value"]} if found else {})
-        except UserError as problem:
-            return _store(db, search["id"], "failed", {"sentence": f"A candidate was refused ({problem}); the search "
-                                                                   "stopped.", "best": None, "trials": 0})
-        return "running"
-    broken = [t for t in trials if t.get("phase") == 2 and t["status"] != "succeeded"]
-    if broken:  # a refinement trial failed or was cancelled: stop here with what was measured
-        outcome = portfolio.conclude(trials, spec)
-        outcome["sentence"] = (f"A refinement trial did not finish ({broken[0]['error'] or broken[0]['status']}); "
-                               f"the search stopped. {outcome['sentence']}")
-        return done(outcome)
-    if len(trials) >= spec["budget"] or _out_of_time(search, spec):
-        return done(portfolio.conclude(trials, spec))
-    seed = portfolio.to_refine([t for t in trials if t.get("phase") == 1], spec, rates)
-    if seed is None:
-        return done(portfolio.conclude(trials, spec))
-    rate = portfolio.rate_of(seed["recipe"], rates)
-    line = [seed] + [t for t in trials if t.get("phase") == 2]
-    value = portfolio.next_value(spec, line, rate, RESOLUTION_SHARE)
-    if value is None:
-        return done(portfolio.conclude(trials, spec))
-    try:
-        queue(_with_rate(seed["recipe"], rate, value), 2, seed["candidate"], {rate["rate"]: value})
-    except UserError as problem:
-        return done({**portfolio.conclude(trials, spec),
-                     "sentence": f"The refinement was refused ({problem}). " + portfolio.conclude(trials, spec)["sentence"]})
-    return "running"
-
-
 def _store(db, search_id: str, status: str, outcome: dict) -> str:
     db.execute("UPDATE searches SET status = ?, outcome = ?, finished_at = ? WHERE id = ?",
                [status, json.dumps(outcome), q.utcnow(), search_id])
@@ -257,7 +176,9 @@ def advance(db, search_id: str, check_recipe=None) -> str:
         if spec.get("strategy") == "optuna":
             return _advance_optuna(db, search, spec, trials, check_recipe)
         if spec.get("strategy") == "portfolio":
-            return _advance_portfolio(db, search, spec, trials, check_recipe)
+            from services import search_portfolio
+
+            return search_portfolio.advance(db, search, spec, trials, check_recipe)
         if spec.get("goal") in ("size", "speed"):
             return _advance_budget_line(db, search, spec, trials, check_recipe)
         if any(t["status"] in q.ACTIVE for t in trials):

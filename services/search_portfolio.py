@@ -10,9 +10,15 @@ the bracketing search on that rate, the candidate's other steps kept:
   (the rate pushed down to the budget's edge), bracketed on the trial's relative excess over the
   budget (size is nearly linear in a pruning amount, so the secant lands close).
 The answer is explained against the best trial of another kind ("… int8 alone was 4.0× smaller at
--0.1 points"). Torch-free.
+-0.1 points"). `start` and `advance` are this strategy's part of services/search.py's life cycle
+(its trials are compress jobs tagged with the search). Torch-free.
 """
 from __future__ import annotations
+
+import json
+
+from services.errors import UserError
+from storage import queue as q
 
 # (what a user reads, the recipe's steps); the first step with a rate is the one a refinement moves.
 CANDIDATES = (
@@ -158,3 +164,89 @@ def _effect(trial: dict) -> str:
     speed = (f"{trial['speed_ratio']:.{decimals}f}× faster" if trial["speed_ratio"] >= 1
              else f"{1 / trial['speed_ratio']:.{decimals}f}× slower")
     return f"{trial['size_bytes'] / 1e6:.3g} MB, {trial['size_ratio']:.1f}× smaller, {speed}, {points(-trial['drop'])}"
+
+
+# ---- the search's life: started and advanced from services/search.py -----------------------------
+
+def start(db, model_id: str, goal: str, max_drop, max_mb, min_speedup, budget: int, task: str | None,
+          check_recipe, minutes) -> dict:
+    """No setting named: store the search, with its portfolio of candidates, and queue them (search.start)."""
+    from services import search as s
+    from services.api import get_model
+    from services.catalog import architecture_of
+    from services.engine.methods import REGISTRY
+
+    if goal == "max-drop":
+        max_drop = s._allowed_drop(max_drop)
+    model = get_model(db, model_id)
+    task = task or model["tasks"][0]
+    architecture = architecture_of(model)
+    portfolio = candidates(model, task, lambda name: not REGISTRY[name].why_not(model["format"], architecture, model_id),
+                           lambda recipe: check_recipe(db, model_id, recipe))
+    if not portfolio:
+        raise UserError(f"None of the search's candidate methods applies to {model_id}; name a setting to push instead.")
+    if not isinstance(budget, int) or not len(portfolio) + 2 <= budget <= s.MAX_BUDGET:
+        raise UserError(f"With no setting named, the search first measures {len(portfolio)} candidate recipes, then "
+                        f"refines the best: give it a budget of {len(portfolio) + 2} to {s.MAX_BUDGET} trials; got {budget!r}.")
+    s._check_minutes(minutes)
+    spec = {"recipe": {"task": task, "steps": []}, "rate": None, "method": None, "param": "setting", "low": None,
+            "high": None, "compresses": "higher", "rates": [], "goal": goal, "strategy": "portfolio",
+            "candidates": portfolio, "max_drop": max_drop if goal == "max-drop" else None, "budget": budget,
+            "minutes": None if minutes is None else float(minutes),
+            "max_mb": max_mb if goal == "size" else None, "min_speedup": min_speedup if goal == "speed" else None}
+    search_id = q.new_id()
+    db.execute("INSERT INTO searches (id, model_id, spec, status, created_at) VALUES (?, ?, ?, 'running', ?)",
+               [search_id, model_id, json.dumps(spec), q.utcnow()])
+    s.advance(db, search_id, check_recipe)
+    return s.get(db, search_id)
+
+
+def advance(db, search: dict, spec: dict, trials: list[dict], check_recipe) -> str:
+    """Phase 1 queues every candidate at once; then the best one's rate is refined (search.advance)."""
+    from services import search as s
+
+    if any(t["status"] in q.ACTIVE for t in trials):
+        return "running"
+
+    def queue(recipe: dict, phase: int, candidate: str, values: dict) -> None:
+        recipe = check_recipe(db, search["model_id"], recipe)  # UserError: the caller ends the search
+        recipe["name"] = f"search {search['id'][:6]}, trial {len(trials) + 1 + queued[0]}: {candidate}"
+        queued[0] += 1
+        q.enqueue(db, "compress", search["model_id"],
+                  {"recipe": recipe, "run_id": q.new_id(), "search_rate": next(iter(values.values()), 0.0),
+                   "search_params": values, "phase": phase, "candidate": candidate}, search_id=search["id"])
+
+    queued = [0]
+    rates = s.rate_params()
+    done = lambda outcome: s._store(db, search["id"], "succeeded", outcome)  # noqa: E731
+    if not trials:  # phase 1: every candidate at once
+        try:
+            for candidate in spec["candidates"]:
+                found = rate_of(candidate["recipe"], rates)
+                queue(candidate["recipe"], 1, candidate["label"], {found["rate"]: found["value"]} if found else {})
+        except UserError as problem:
+            return s._store(db, search["id"], "failed", {"sentence": f"A candidate was refused ({problem}); the search "
+                                                                   "stopped.", "best": None, "trials": 0})
+        return "running"
+    broken = [t for t in trials if t.get("phase") == 2 and t["status"] != "succeeded"]
+    if broken:  # a refinement trial failed or was cancelled: stop here with what was measured
+        outcome = conclude(trials, spec)
+        outcome["sentence"] = (f"A refinement trial did not finish ({broken[0]['error'] or broken[0]['status']}); "
+                               f"the search stopped. {outcome['sentence']}")
+        return done(outcome)
+    if len(trials) >= spec["budget"] or s._out_of_time(search, spec):
+        return done(conclude(trials, spec))
+    seed = to_refine([t for t in trials if t.get("phase") == 1], spec, rates)
+    if seed is None:
+        return done(conclude(trials, spec))
+    rate = rate_of(seed["recipe"], rates)
+    line = [seed] + [t for t in trials if t.get("phase") == 2]
+    value = next_value(spec, line, rate, s.RESOLUTION_SHARE)
+    if value is None:
+        return done(conclude(trials, spec))
+    try:
+        queue(s._with_rate(seed["recipe"], rate, value), 2, seed["candidate"], {rate["rate"]: value})
+    except UserError as problem:
+        return done({**conclude(trials, spec),
+                     "sentence": f"The refinement was refused ({problem}). " + conclude(trials, spec)["sentence"]})
+    return "running"
