@@ -176,6 +176,28 @@ with st.container(border=True):
         st.caption("Not available for this model: " + " ".join(
             unavailable_sentence(names, reason) for reason, names in by_reason.items()))
 
+def label_budget_widgets(settings: dict, chosen: dict, uid: str) -> None:
+    """Label only some samples: how many, and which (active learning)."""
+    budgeted = st.toggle("Label only some samples", value="label_budget" in chosen, key=f"{uid}-budgeted",
+                         help="Supervised recovery normally uses every fitting sample's label. With a budget it "
+                              "uses only the labels of the samples the strategy picks: what a team pays for when "
+                              "labelling costs money.")
+    if not budgeted:
+        return
+    strategies = api.selection_strategies()
+    explained = {s["name"]: s["explanation"] for s in strategies}
+    left, right = st.columns([1, 2])
+    with left:
+        share = float(chosen.get("label_budget", 0.1)) if float(chosen.get("label_budget", 0.1)) <= 1 else 0.1
+        settings["label_budget"] = st.number_input("Share of samples to label", min_value=0.01, max_value=1.0,
+                                                   value=share, step=0.01, format="%.2f", key=f"{uid}-budget")
+    with right:
+        strategy = st.radio("Which samples", list(explained), horizontal=True, key=f"{uid}-selection",
+                            index=list(explained).index(chosen.get("selection", "random")))
+        st.caption(explained[strategy])
+    settings["selection"] = strategy
+
+
 def recovery_panel() -> tuple[dict, object]:
     """The recovery settings: only the objectives this model and its data allow are offered."""
     options = api.recovery_options(db, model_id, task)
@@ -197,6 +219,17 @@ def recovery_panel() -> tuple[dict, object]:
                 with column:
                     settings[name] = param_widget(params[name], key=f"{uid}-{name}",
                                                   value=chosen.get(name, params[name]["default"]))
+            helpers = api.recovery_helpers(db, model_id)
+            if helpers:
+                explained = {h["name"]: h["explanation"] for h in helpers}
+                picked = st.multiselect(
+                    "Training-only helpers (self-supervised, removed before export: same size and speed)",
+                    list(explained), default=[h for h in chosen.get("aux", []) if h in explained],
+                    key=f"{uid}-aux", help=" ".join(f"{n}: {e}" for n, e in explained.items()))
+                if picked:
+                    settings["aux"] = picked
+            if objective == "supervised":
+                label_budget_widgets(settings, chosen, uid)
             with st.expander("More recovery settings"):
                 for name in ("lr", "batch_size", "seed"):
                     settings[name] = param_widget(params[name], key=f"{uid}-{name}",

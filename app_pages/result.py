@@ -1,11 +1,12 @@
 """Result: one run, read-only, reachable by its share link /result?id=…"""
 import json
 
+import numpy as np
 import streamlit as st
 
 from services import api
 from services.errors import UserError
-from ui.charts import comparison_bars, tradeoff_chart
+from ui.charts import comparison_bars, label_curve_chart, tradeoff_chart
 from ui.format import human_bytes, human_count, ms, per_second, ratio_delta, recipe_summary
 from ui.session import get_db, share_links_panel
 from ui.tables import runs_frame
@@ -45,6 +46,37 @@ if run["status"] != "succeeded":
     wait_for_it()
     st.stop()
 
+def label_budget_section(labelled: dict) -> None:
+    """Which samples recovery paid labels for, and the score against labels for every strategy."""
+    st.markdown(f"**Labelled samples**: recovery learned from the labels of {labelled['count']:,} of "
+                f"{labelled['of']:,} fitting samples, chosen by *{labelled['selection']}*.")
+    left, right = st.columns([2, 3])
+    with left:
+        if labelled.get("images"):
+            images = labelled["images"]
+            columns = 12
+            grid = np.ones((-(-len(images) // columns) * 9, columns * 9))
+            for index, image in enumerate(images):  # 8x8 digits on a grid with a 1-pixel white gap
+                row, column = divmod(index, columns)
+                grid[row * 9:row * 9 + 8, column * 9:column * 9 + 8] = 1.0 - np.asarray(image)
+            st.image(np.kron(grid, np.ones((4, 4))), clamp=True,
+                     caption=f"The first {len(images)} chosen images (dark = ink)")
+        with st.expander("Indices of the chosen samples (in the fitting split)"):
+            st.code(", ".join(map(str, labelled["indices"])), language=None, wrap_lines=True)
+    with right:
+        points = api.label_curve(db, run["id"])
+        if len({p["selection"] for p in points}) > 1 or len(points) > 2:
+            st.altair_chart(label_curve_chart(points, metrics["score_name"]), width="stretch")
+        else:
+            st.caption("Score against labels: run this recipe at other budgets and strategies to draw it.")
+        if st.button("Try every strategy at half, this and twice this budget",
+                     help="Queues the same recipe with random, uncertainty and inconsistency selection at three "
+                          "budgets, and once with every label, skipping the runs that exist; the chart fills in "
+                          "as they finish."):
+            submitted = api.submit_label_sweep(db, run["id"])
+            st.success(f"Queued {len(submitted)} runs." if submitted else "Every run of the sweep exists already.")
+
+
 metrics, baseline = run["metrics"], run["baseline"]
 st.subheader(api.summary_sentence(metrics, baseline))
 st.caption(f"Model `{model['id']}` · task `{run['recipe']['task']}` · created {run['created_at'][:19].replace('T', ' ')} UTC"
@@ -74,6 +106,10 @@ for name in dict.fromkeys(step["method"] for step in run["recipe"]["steps"]):  #
         st.caption(f"**{name}**: {notes[name]}")
 for sentence in metrics.get("notes", []):  # what each step reported it did, and the risk it carries
     st.caption(f"• {sentence}")
+
+labelled = api.labelled_samples(run)
+if labelled:
+    label_budget_section(labelled)
 
 left, right = st.columns(2)
 with left:

@@ -118,6 +118,7 @@ class Bench:
         recovery_s = sum(int(s) for note in notes for s in re.findall(r"steps \((\d+) s\)", note))
         losses = [f"{a}→{b}" for note in notes for a, b in re.findall(r"loss (\d[\d.e+-]*\d) → (\d[\d.e+-]*\d)", note)]
         row = {"label": label, "metrics": run["metrics"], "baseline": run["baseline"], "notes": notes,
+               "artifact": self.store.home / run["artifact"],
                "recovery_s": recovery_s, "losses": losses, "job_s": time.perf_counter() - begun}
         m = run["metrics"]
         print(f"  score {m['score']:.4f} (original {run['baseline']['score']:.4f}), fidelity {m['fidelity']:.4f} "

@@ -235,6 +235,22 @@ def recovery_options(db, model_id: str, task: str) -> list[dict]:
             for o in OBJECTIVES.values() if o.name in SUPPORTED_OBJECTIVES]
 
 
+def recovery_helpers(db, model_id: str) -> list[dict]:
+    """The training-only self-supervised helpers (`recovery.aux`) this model can use, each explained."""
+    from services.catalog import architecture_of
+    from services.engine.aux_heads import AUX_HELPERS, helpers_for
+
+    return [{"name": name, "explanation": AUX_HELPERS[name][1]}
+            for name in helpers_for(architecture_of(get_model(db, model_id)))]
+
+
+def selection_strategies() -> list[dict]:
+    """How `recovery.selection` can choose the samples a label budget pays for, each explained."""
+    from services.engine.selection import EXPLANATIONS, STRATEGIES
+
+    return [{"name": name, "explanation": EXPLANATIONS[name]} for name in STRATEGIES]
+
+
 def recovery_params() -> list[dict]:
     from services.recipes import RECOVERY_PARAMS
 
@@ -529,3 +545,6 @@ def get_dataset(db, dataset_id: str) -> dict:
 from services.api_rates import (  # noqa: E402  (after the names api_rates calls back into)
     SEARCH_GOALS, SWEEP_KEEPS, SWEEP_RATES, get_search, list_searches, rate_curves, score_change_words,
     search_rates, start_search, submit_rate_sweep, wait_for_search)
+
+# Label budgets (active learning): what a run labelled and the score against labels, services/api_labels.py.
+from services.api_labels import label_curve, labelled_samples, submit_label_sweep  # noqa: E402

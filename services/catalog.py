@@ -28,6 +28,15 @@ BUILTIN_MODELS = {
         "family": "digits-cnn",
         "description": "The digits CNN with four times the channels.",
     },
+    "digits-multitask": {
+        "architecture": "cnn",
+        "name": "Digits multi-task CNN",
+        "format": "torch",
+        "task": "digits",
+        "description": "The digits CNN with two coupled heads on one trunk: the digit, and whether it is even or "
+                       "odd (which the digit determines). Where the heads contradict each other shows which "
+                       "samples are worth labelling (selection 'inconsistency').",
+    },
     "minilm-l6": {
         "architecture": "text-transformer",
         "output_kind": "embedding",
@@ -45,6 +54,15 @@ BUILTIN_MODELS = {
         "description": "A small Transformer speech encoder (0.8 M parameters) over log-mel frames, pretrained "
                        "self-supervised (masked-frame reconstruction) on speech synthesized with eSpeak NG, then "
                        "fine-tuned to read digit strings (CTC) and tell the speaker; trained here on first use.",
+    },
+    "speech-ssl-moco": {
+        "architecture": "speech-transformer",
+        "name": "Speech SSL (momentum contrast)",
+        "format": "torch",
+        "task": "spoken-digits",
+        "description": "The same speech encoder and fine-tuning as Speech SSL, but pretrained by momentum "
+                       "contrast: each short stretch of audio learns to recognise itself in a second, altered "
+                       "copy among many others. Compare the two to see what the pretraining objective changes.",
     },
 }
 
@@ -78,6 +96,11 @@ TASKS = {
         "score_name": "accuracy",
         "description": "Classify 540 held-out 8x8 digit images (fixed split); score = share classified right.",
     },
+    "digits-parity": {
+        "score_name": "accuracy",
+        "description": "Tell whether each of the 540 held-out digit images shows an even or an odd digit, read "
+                       "from the multi-task model's parity head; score = share right.",
+    },
     "pydoc-retrieval": {
         "score_name": "recall@1",
         "description": "A paragraph of Python's help text must find the paragraph that follows it among "
@@ -108,4 +131,6 @@ TASKS = {
 # Which tasks each built-in model can be scored on.
 MODEL_TASKS = {model_id: [spec["task"], "fidelity"] for model_id, spec in BUILTIN_MODELS.items()}
 MODEL_TASKS["speech-ssl"] = ["spoken-digits", "speaker-id", "fidelity"]
+MODEL_TASKS["speech-ssl-moco"] = ["spoken-digits", "speaker-id", "fidelity"]
+MODEL_TASKS["digits-multitask"] = ["digits", "digits-parity", "fidelity"]
 

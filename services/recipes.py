@@ -21,7 +21,7 @@ RECOVERY_OBJECTIVES = ("none", "supervised", "distill", "contrastive", "masked",
 RECOVERY_KEYS = {"objective", "steps", "unfreeze", "rounds", "lr", "batch_size", "seed",
                  "aux", "label_budget", "selection"}
 # Objectives whose training is built; the others are accepted by the contract but refused for now.
-SUPPORTED_OBJECTIVES = ("none", "supervised", "distill", "contrastive", "masked")
+SUPPORTED_OBJECTIVES = RECOVERY_OBJECTIVES
 # The recovery settings besides the objective, checked like a method's parameters.
 RECOVERY_PARAMS = (
     Param("steps", "int", 200, "Training steps of the recovery (per round with rounds > 1).",
@@ -264,9 +264,6 @@ def _check_recovery(recovery: dict, objective: str, steps: list[dict], model: di
 
     if objective == "none":
         return {"objective": "none"}
-    for key in ("aux", "label_budget", "selection"):
-        if key in recovery:
-            raise UserError(f"'recovery.{key}' is not available yet.", field=f"recovery.{key}")
     clean = {"objective": objective}
     for param in RECOVERY_PARAMS:
         value = recovery.get(param.name, param.default)
@@ -298,6 +295,8 @@ def _check_recovery(recovery: dict, objective: str, steps: list[dict], model: di
         raise UserError("Recovery cannot follow sequence.pool yet: the original it learns from answers frame by frame "
                         "at the full rate, the pooled model at fewer frames. A once-for-all model needs none; set "
                         "the objective to none.", field="recovery.objective")
+    clean.update(_check_helpers(recovery, model))
+    clean.update(_check_label_budget(recovery, objective, model, task))
     if clean["rounds"] > 1 and "prune.structured" in torch_steps:
         raise UserError("'rounds' works with prune.magnitude: prune.structured removes whole channels and heads, and "
                         "a round's small share of a narrow layer rounds to none. Use rounds 1 with prune.structured.",
@@ -306,6 +305,67 @@ def _check_recovery(recovery: dict, objective: str, steps: list[dict], model: di
         raise UserError(f"'rounds' spreads a pruning step over several rounds of prune-and-recover, and this recipe "
                         f"has no {' or '.join(ROUND_METHODS)} step; set rounds to 1.", field="recovery.rounds")
     return clean
+
+
+def _check_helpers(recovery: dict, model: dict) -> dict:
+    """`aux`: a list of training-only helpers (services/engine/aux_heads.py) that apply to this model."""
+    from services.engine.aux_heads import AUX_HELPERS, why_not as helper_problem
+
+    helpers = recovery.get("aux", [])
+    if helpers in (None, False):
+        helpers = []
+    if isinstance(helpers, str):
+        helpers = [helpers]
+    if not isinstance(helpers, list) or not all(isinstance(h, str) for h in helpers):
+        raise UserError(f"'recovery.aux' must be a list of helper names, such as [\"spatial-context\"]; known: "
+                        f"{', '.join(AUX_HELPERS)}.", field="recovery.aux")
+    reason = helper_problem(helpers, architecture_of(model))
+    if reason:
+        raise UserError(f"Recovery helper {reason}", field="recovery.aux")
+    return {"aux": list(dict.fromkeys(helpers))} if helpers else {}
+
+
+def _check_label_budget(recovery: dict, objective: str, model: dict, task: str) -> dict:
+    """`label_budget` (a share in (0, 1] or a count of fitting samples) and `selection`: how many and
+    which samples' labels supervised recovery may use."""
+    budget, strategy = recovery.get("label_budget"), recovery.get("selection")
+    if budget is None:
+        if strategy is not None:
+            raise UserError("'recovery.selection' chooses which samples to label, and needs a 'label_budget' "
+                            "(a share such as 0.1, or a count such as 50).", field="recovery.selection")
+        return {}
+    from services.engine.selection import STRATEGIES, budget_count
+
+    strategy = strategy or "random"
+    if strategy not in STRATEGIES:
+        raise UserError(f"Unknown selection {strategy!r}; choose one of {', '.join(STRATEGIES)}.",
+                        field="recovery.selection")
+    if objective != "supervised":
+        raise UserError(f"A label budget decides which samples' labels supervised recovery learns from; the "
+                        f"{objective!r} objective uses no labels or every one. Set the objective to supervised, "
+                        f"or remove 'label_budget'.", field="recovery.label_budget")
+    # the one set of rules (and sentences) the worker applies too; an upload's sample count is known
+    # only there, so here its budget is checked for form alone
+    available = fitting_sample_count(model, task)
+    try:
+        budget_count(budget, available if available is not None else 2**31)
+    except ValueError as error:
+        raise UserError(str(error), field="recovery.label_budget") from None
+    clean_budget = float(budget) if isinstance(budget, float) and budget <= 1 else int(budget)
+    return {"label_budget": clean_budget, "selection": strategy}
+
+
+def fitting_sample_count(model: dict, task: str) -> int | None:
+    """How many fitting samples recovery can draw labels from: the built-in digits models' training
+    split (scikit-learn's digits, no torch); None when only the worker can tell (selection.budget_count
+    refuses there with the same sentence)."""
+    from services.catalog import BUILTIN_MODELS
+
+    if BUILTIN_MODELS.get(model.get("id"), {}).get("task") == "digits":
+        from services.engine.tasks.digits import digits_data
+
+        return len(digits_data().y_train)
+    return None
 
 
 def output_kind_of(model: dict) -> str:

@@ -333,7 +333,7 @@ def test_method_applicability_gives_a_reason_sentence():
     assert prune["reason"].startswith("needs a PyTorch model; an ONNX upload can only be changed by graph-level")
     uploaded_hf = {m["name"]: m for m in api.method_applicability({"format": "torch"})}  # a text transformer
     assert all(m["applies"] for name, m in uploaded_hf.items() if name != "sequence.pool")
-    assert uploaded_hf["sequence.pool"]["reason"].startswith("works on the built-in speech-ssl and minilm-l6 only")
+    assert uploaded_hf["sequence.pool"]["reason"].startswith("works on the built-in speech-ssl, speech-ssl-moco and minilm-l6 only")
 
 
 # ---- the import job (child process) ------------------------------------------------------------

@@ -179,7 +179,8 @@ def test_compress_recovery_offers_what_the_data_allows_and_goes_into_the_job(ui_
     at = open_page("app_pages/compress.py")
     objective = at.radio(key="r0-objective")
     assert objective.options == ["No recovery", "Supervised fine-tuning", "Distillation from the original",
-                                 "Contrastive (CAP)", "Masked reconstruction"]  # digits have labels
+                                 "Contrastive (CAP)", "Masked reconstruction",
+                                 "Momentum contrast (MoCo)"]  # digits have labels
     _add_step(at, "prune.magnitude")
     at.radio(key="r0-objective").set_value("distill").run()
     at.radio(key="r0-unfreeze").set_value("gradual").run()
@@ -198,10 +199,35 @@ def test_compress_recovery_offers_what_the_data_allows_and_goes_into_the_job(ui_
     assert next(b for b in at.button if b.label == "Submit job").disabled
 
 
+def test_compress_offers_helpers_and_a_label_budget_and_both_go_into_the_job(ui_db):
+    at = open_page("app_pages/compress.py")
+    _add_step(at, "prune.magnitude")
+    at.radio(key="r0-objective").set_value("supervised").run()
+    helpers = at.multiselect(key="r0-aux")
+    assert helpers.options == ["spatial-context", "object-extent"]
+    helpers.set_value(["spatial-context"]).run()
+    at.toggle(key="r0-budgeted").set_value(True).run()
+    at.number_input(key="r0-budget").set_value(0.05).run()
+    at.radio(key="r0-selection").set_value("uncertainty").run()
+    assert not at.exception and not at.error
+    recovery = json.loads(at.code[0].value)["recovery"]
+    assert (recovery["aux"], recovery["label_budget"], recovery["selection"]) == (["spatial-context"], 0.05,
+                                                                                   "uncertainty")
+    assert any("least sure" in text for text in texts(at.caption))  # the strategy is explained
+    next(b for b in at.button if b.label == "Submit job").click().run()
+    queued = api.list_jobs(ui_db)[0]["payload"]["recipe"]["recovery"]
+    assert queued["label_budget"] == 0.05 and queued["aux"] == ["spatial-context"]
+
+    at.radio(key="r0-objective").set_value("distill").run()  # no labels used: no budget offered
+    assert not [t for t in at.toggle if t.key == "r0-budgeted"]
+
+
 def test_compress_recovery_without_labels_does_not_offer_supervised(ui_db):
     at = open_page("app_pages/compress.py", model="minilm-l6")
     assert at.radio(key="r0-objective").options == ["No recovery", "Distillation from the original",
-                                                    "Contrastive (CAP)", "Masked reconstruction"]
+                                                    "Contrastive (CAP)", "Masked reconstruction",
+                                                    "Momentum contrast (MoCo)"]
+    assert not at.multiselect  # no training-only helper for a text model yet
     assert any("**supervised** needs class labels" in text for text in texts(at.caption))
 
 
@@ -514,6 +540,57 @@ def test_a_runs_recipe_opens_in_compress_ready_to_submit_again(ui_run_home):
     assert not next(b for b in at.button if b.label == "Submit job").disabled
     unknown = open_page("app_pages/compress.py", model="digits-cnn", recipe_of="0" * 32)
     assert any("does not exist" in text for text in texts(unknown.warning))
+
+
+def _budgeted_copies(home, run, points) -> list[str]:
+    """Copies of the real run as if its recipe had recovered with a label budget: one per (selection,
+    labels, score) point (generated rows: the engine's label budgets are tested in test_selection.py)."""
+    db = open_db(home)
+    row = dict(next(db.query("SELECT * FROM runs WHERE id = ?", [run["id"]])))
+    job = dict(next(db.query("SELECT * FROM jobs WHERE id = ?", [row["job_id"]])))
+    base = {"task": "digits", "steps": [{"method": "prune.magnitude", "params": {"amount": 0.9}}],
+            "recovery": {"objective": "supervised", "steps": 100}}
+    ids = []
+    for index, (selection, labels, score) in enumerate(points):
+        recovery = dict(base["recovery"])
+        if selection != "all labels":
+            recovery.update(label_budget=labels, selection=selection)
+        recipe = api.check_recipe(db, "digits-cnn", {**base, "recovery": recovery})
+        metrics = {**json.loads(row["metrics"]), "score": score}
+        if selection != "all labels":
+            metrics["labelled_samples"] = {"selection": selection, "count": labels, "of": 1257,
+                                           "indices": list(range(0, 3 * labels, 3))}
+        job_id, run_id = q.new_id(), q.new_id()
+        db["jobs"].insert({**job, "id": job_id, "run_id": run_id})
+        db["runs"].insert({**row, "id": run_id, "job_id": job_id, "recipe": json.dumps(recipe),
+                           "metrics": json.dumps(metrics), "created_at": f"2026-02-01T00:00:{index:02d}"})
+        ids.append(run_id)
+    return ids
+
+
+def test_result_page_shows_the_labelled_samples_and_the_score_against_labels(ui_run_home):
+    home, run = ui_run_home
+    ids = _budgeted_copies(home, run, [("random", 60, 0.90), ("uncertainty", 60, 0.88),
+                                       ("inconsistency", 60, 0.93), ("all labels", None, 0.97)])
+    at = open_page("app_pages/result.py", id=ids[2])
+    assert any("labels of 60 of 1,257 fitting samples, chosen by *inconsistency*" in text for text in texts(at.markdown))
+    assert len(at.get("image")) == 1  # the chosen digits, on one grid
+    assert any(c.value.startswith("0, 3, 6, 9") for c in at.code)
+    chart = next(json.loads(c.proto.spec) for c in at.get("vega_lite_chart") if "Labelled samples" in c.proto.spec)
+    assert chart["layer"][0]["encoding"]["x"]["field"] == "labels"
+    assert chart["layer"][0]["encoding"]["color"]["field"] == "selection"
+    curve = api.label_curve(open_db(home), ids[2])
+    assert sorted((p["selection"], p["labels"], p["score"]) for p in curve) == [
+        ("all labels", 1257, 0.97), ("inconsistency", 60, 0.93), ("random", 60, 0.90), ("uncertainty", 60, 0.88)]
+
+    next(b for b in at.button if b.label.startswith("Try every strategy")).click().run()
+    assert not at.exception
+    db = open_db(home)
+    queued = [job["payload"]["recipe"]["recovery"] for job in api.list_jobs(db, status="queued")]
+    # 3 strategies x (30, 60, 120) labels, less the three runs at 60 that exist; every label exists too
+    assert sorted((r["selection"], r["label_budget"]) for r in queued) == sorted(
+        (s, n) for s in ("random", "uncertainty", "inconsistency") for n in (30, 120))
+    assert api.submit_label_sweep(db, ids[2]) == []  # a second click queues nothing twice
 
 
 def test_result_page_with_an_unknown_id_says_so(ui_run_home):

@@ -197,10 +197,18 @@ def test_a_torch_method_on_an_onnx_model_is_refused():
     assert _validate({"steps": [{"method": "quantize.dynamic"}]}, ONNX_MODEL, ["fidelity"])["task"] == "fidelity"
 
 
-def test_an_objective_not_built_yet_is_refused_by_name():
-    assert "momentum-contrast" in RECOVERY_OBJECTIVES  # in the contract; issue 8 builds it
-    error = _error({"steps": [{"method": "prune.magnitude"}], "recovery": {"objective": "momentum-contrast"}})
-    assert error.field == "recovery.objective" and "'momentum-contrast' is not available yet" in str(error)
+def test_momentum_contrast_helpers_and_a_label_budget_are_accepted_with_defaults():
+    assert "momentum-contrast" in RECOVERY_OBJECTIVES
+    clean = _validate({"steps": [{"method": "prune.magnitude"}],
+                       "recovery": {"objective": "momentum-contrast", "aux": ["spatial-context", "object-extent"]}})
+    assert clean["recovery"]["objective"] == "momentum-contrast"
+    assert clean["recovery"]["aux"] == ["spatial-context", "object-extent"]
+    clean = _validate({"steps": [{"method": "prune.magnitude"}],
+                       "recovery": {"objective": "supervised", "label_budget": 0.1}})
+    assert clean["recovery"]["label_budget"] == 0.1 and clean["recovery"]["selection"] == "random"
+    clean = _validate({"steps": [{"method": "prune.magnitude"}],
+                       "recovery": {"objective": "supervised", "label_budget": 50, "selection": "uncertainty"}})
+    assert (clean["recovery"]["label_budget"], clean["recovery"]["selection"]) == (50, "uncertainty")
 
 
 def test_recovery_defaults_are_filled_in():
@@ -234,10 +242,33 @@ HF_WITH_LABELS = {"id": "up-1", "format": "torch", "source": "upload", "task": "
     ({"steps": [{"method": "prune.magnitude"}], "recovery": {"objective": "distill", "steps": 0}},
      TORCH_MODEL, "recovery.steps", "Recovery: 'steps' must be between 1 and 20000"),
     ({"steps": [{"method": "prune.magnitude"}], "recovery": {"objective": "distill", "label_budget": 10}},
-     TORCH_MODEL, "recovery.label_budget", "not available yet"),
+     TORCH_MODEL, "recovery.label_budget", "Set the objective to supervised"),
+    ({"steps": [{"method": "prune.magnitude"}], "recovery": {"objective": "supervised", "label_budget": 5000}},
+     TORCH_MODEL, "recovery.label_budget", "asks for 5000 samples, but the data has only 1257"),
+    ({"steps": [{"method": "prune.magnitude"}], "recovery": {"objective": "supervised", "label_budget": 2.5}},
+     TORCH_MODEL, "recovery.label_budget", "A label budget above 1 is a count of samples and must be whole"),
+    ({"steps": [{"method": "prune.magnitude"}], "recovery": {"objective": "supervised", "label_budget": 0.1,
+                                                          "selection": "loudest"}},
+     TORCH_MODEL, "recovery.selection", "Unknown selection 'loudest'"),
+    ({"steps": [{"method": "prune.magnitude"}], "recovery": {"objective": "supervised", "selection": "random"}},
+     TORCH_MODEL, "recovery.selection", "needs a 'label_budget'"),
+    ({"steps": [{"method": "prune.magnitude"}], "recovery": {"objective": "supervised", "label_budget": 0.2,
+                                                          "selection": "inconsistency"}},
+     MINILM, "recovery.objective", "needs class labels on the fitting samples, and this model's data has none"),
+    ({"steps": [{"method": "prune.magnitude"}], "recovery": {"objective": "distill", "aux": ["frame-order"]}},
+     TORCH_MODEL, "recovery.aux", "'frame-order' works on speech-transformer models, not on this one; this one "
+                                  "can use spatial-context, object-extent"),
+    ({"steps": [{"method": "prune.magnitude"}], "recovery": {"objective": "distill", "aux": ["jigsaw"]}},
+     TORCH_MODEL, "recovery.aux", "unknown helper 'jigsaw'"),
+    ({"steps": [{"method": "prune.magnitude"}], "recovery": {"objective": "distill", "aux": ["spatial-context"]}},
+     MINILM, "recovery.aux", "this model has no helper yet"),
+    ({"steps": [{"method": "prune.magnitude"}], "recovery": {"objective": "distill", "aux": {"a": 1}}},
+     TORCH_MODEL, "recovery.aux", "must be a list of helper names"),
 ], ids=["supervised-without-labels", "nothing-to-recover", "onnx-upload", "after-vocab-trim",
         "rounds-without-pruning", "rounds-with-structured", "after-share-cluster", "bad-unfreeze", "zero-steps",
-        "active-learning-key"])
+        "budget-without-supervised", "budget-over-the-data", "budget-not-a-share", "unknown-selection",
+        "selection-without-budget", "budget-on-unlabelled-text", "helper-for-another-kind", "unknown-helper",
+        "no-helper-for-text", "helpers-not-a-list"])
 def test_recovery_that_cannot_work_is_refused_at_submit(recipe, model, field, words):
     error = _error(recipe, model, [model["task"], "fidelity"])
     assert error.field == field and words in str(error), str(error)

@@ -57,7 +57,7 @@ def _zeros(net) -> dict:
     return {name: (p.detach() == 0) for name, p in net.named_parameters() if p.dim() >= 2}
 
 
-@pytest.mark.parametrize("objective", ["supervised", "distill", "contrastive", "masked"])
+@pytest.mark.parametrize("objective", ["supervised", "distill", "contrastive", "masked", "momentum-contrast"])
 def test_each_objective_lowers_its_loss_and_wins_back_accuracy(digits_prepared, tmp_path, objective):
     original, pruned = _pruned_digits(digits_prepared)
     evaluation = tasks.eval_set("digits", "digits-cnn")
@@ -71,7 +71,7 @@ def test_each_objective_lowers_its_loss_and_wins_back_accuracy(digits_prepared, 
     assert all(p.requires_grad for p in pruned.parameters())  # everything trainable again
 
 
-@pytest.mark.parametrize("objective", ["distill", "contrastive", "masked"])
+@pytest.mark.parametrize("objective", ["distill", "contrastive", "masked", "momentum-contrast"])
 def test_label_free_objectives_run_without_labels(digits_prepared, tmp_path, objective):
     original, pruned = _pruned_digits(digits_prepared)
     fit = tasks.fit_set("digits", digits_prepared.model, None)

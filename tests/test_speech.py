@@ -243,6 +243,29 @@ def test_compress_prunes_speech_ssl_and_scores_the_run(prepared, tmp_path):
     assert metrics["latency_ms"]["p50"] > 0 and metrics["batch_latency_ms"]["batch"] == 16
 
 
+def test_speech_recovery_by_momentum_contrast_with_the_frame_order_helper_exports_the_same_graph(prepared, tmp_path):
+    """speech-ssl pruned, recovered by MoCo with and without the training-only frame-order helper: the
+    two exports have the same initializers and operators (the helper's head is gone)."""
+    import onnx
+
+    home = tmp_path / "home"
+    shutil.copytree(prepared.home, home)
+    store = ArtifactStore(home)
+    graphs, notes = [], []
+    for helpers in ([], ["frame-order"]):
+        recipe = validate_recipe({"steps": [{"method": "prune.magnitude", "params": {"amount": 0.5}}],
+                                  "recovery": {"objective": "momentum-contrast", "steps": 6, "batch_size": 8,
+                                               "aux": helpers}}, prepared.model, TASKS)
+        run = pipeline.compress(store, dict(prepared.model), recipe, f"speech-aux-{len(helpers)}",
+                                lambda f, m: None)["run"]
+        model = onnx.load(str(home / run["artifact"]))
+        graphs.append((sorted((t.name, tuple(t.dims)) for t in model.graph.initializer),
+                       sorted(n.op_type for n in model.graph.node)))
+        notes.append(next(n for n in run["metrics"]["notes"] if n.startswith("Recovery")))
+    assert graphs[0] == graphs[1]
+    assert "momentum contrast" in notes[0] and "training-only helpers: frame-order (not exported)" in notes[1]
+
+
 def test_speech_fidelity_counts_real_frames_only():
     evaluation = SimpleNamespace(inputs={"lengths": np.array([2, 4])})
     reference = np.zeros((2, MAX_FRAMES, 11), np.float32)

@@ -138,3 +138,27 @@ def rate_chart(points: list[dict], architecture: str = "speech-transformer") -> 
     learned = base.transform_filter(alt.datum.how == "learned rate")
     return (chosen.mark_line() + chosen.mark_point(filled=True, size=70).encode(href="link")
             + learned.mark_point(filled=True, size=260, shape="diamond").encode(href="link")).properties(height=300)
+
+
+def label_curve_chart(points: list[dict], score_name: str) -> alt.Chart:
+    """Score against the number of labels bought, one line per selection strategy; the score with every
+    label as a grey rule and 95 % of it dashed (the share the active-learning study aims for)."""
+    frame = pd.DataFrame(points)
+    frame["score_pct"] = 100.0 * frame["score"]
+    frame["link"] = "/result?id=" + frame["run_id"]
+    budgeted = frame[frame["selection"] != "all labels"]
+    full = frame[frame["selection"] == "all labels"]
+    base = alt.Chart(budgeted).encode(
+        x=alt.X("labels", title="Labelled samples", scale=alt.Scale(zero=False, type="log")),
+        y=alt.Y("score_pct", title=f"{score_name} (%)", scale=alt.Scale(zero=False, nice=True)),
+        color=alt.Color("selection", title="Which samples", legend=alt.Legend(orient="bottom")),
+        tooltip=["selection", "labels", alt.Tooltip("score_pct", title=f"{score_name} (%)", format=".2f")])
+    chart = base.mark_line() + base.mark_point(filled=True, size=80).encode(href="link")
+    if len(full):
+        reference = float(full["score_pct"].max())
+        rules = pd.DataFrame({"score_pct": [reference, 0.95 * reference],
+                              "what": [f"every label ({reference:.1f}%)", "95% of it"]})
+        chart = chart + alt.Chart(rules).mark_rule(color="grey").encode(
+            y="score_pct", strokeDash=alt.condition(alt.datum.what == "95% of it", alt.value([5, 4]), alt.value([1, 0])),
+            tooltip=["what"])
+    return chart.properties(height=280)

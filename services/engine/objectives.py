@@ -35,6 +35,11 @@ OBJECTIVES = {
         "Hides a quarter of each input (tokens, image patches or audio frames) and trains the compressed model "
         "to compute from the rest what the original computes from everything; needs no labels and makes it "
         "robust to missing parts."),
+    "momentum-contrast": Objective(
+        "momentum-contrast", "Momentum contrast (MoCo)",
+        "Trains the compressed model to recognize each sample with a quarter of it hidden among many earlier "
+        "samples, against a slowly moving copy of itself; needs no labels (the output head follows the labels "
+        "when there are some, else the original's outputs)."),
 }
 UNFREEZE = {
     "all": "every layer is trained",
@@ -62,7 +67,7 @@ def why_not(objective: str, architecture: str, output_kind: str, labelled: bool,
     if OBJECTIVES[objective].needs_labels and not labelled:
         return ("needs class labels on the fitting samples, and this model's data has none (or its output is not "
                 "class scores): use distill, contrastive or masked, which need no labels.")
-    if objective == "masked" and not maskable:
+    if objective in ("masked", "momentum-contrast") and not maskable:
         return "needs a mask token to hide words behind, and this model's tokenizer has none."
     return ""
 

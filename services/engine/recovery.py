@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.engine import distill
-from services.engine.objectives import UNFREEZE, has_class_labels
+from services.engine.objectives import OBJECTIVES, UNFREEZE, has_class_labels
 
 # text: 5e-4 measured better than 5e-5 for MiniLM at half its heads and neurons (cosine 0.929 / 0.904, 300 steps)
 DEFAULT_LR = {"cnn": 1e-3, "text-transformer": 5e-4, "speech-transformer": 3e-4}
@@ -171,12 +171,17 @@ def _block_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]
 
 
 def build_kit(architecture: str, student: nn.Module, teacher: nn.Module, context, batch_size: int,
-              seed: int) -> Kit:
+              seed: int, rows: np.ndarray | None = None) -> Kit:
+    """The batches and matched states of one recovery; `rows` restricts training to those fitting
+    samples (the ones a label budget paid for)."""
     adapter = context.adapter
     fit = context.fit_set()
     names = list(adapter.input_names)
     arrays = [fit.inputs[name] for name in names]
     labels = fit.labels if has_class_labels(fit, adapter.output_kind) else None
+    if rows is not None:
+        arrays = [array[rows] for array in arrays]
+        labels = None if labels is None else labels[rows]
     generator = torch.Generator().manual_seed(seed + 1)
     if architecture == "cnn":
         hidden = [n for n in _weighted_layers(student)[:-1] if n in dict(teacher.named_modules())]
@@ -307,6 +312,87 @@ class ContrastiveTerm(nn.Module):
         return torch.stack([info_nce(anchor, key, batch.labels) for key in keys]).mean()
 
 
+class MomentumTerm(nn.Module):
+    """MoCo as a recovery objective: the query is the compressed model's representation of a masked
+    view of each sample (through a training-only head), the key a momentum copy's representation of
+    the whole sample, the negatives a queue of earlier keys (services/engine/moco.py). The momentum
+    copy starts as the compressed model itself and follows it, so this needs neither labels nor the
+    original; only `head` is trained by gradients."""
+
+    def __init__(self, student: nn.Module, kit: Kit, probe):
+        from services.engine import moco
+
+        super().__init__()
+        self.name = kit.representation[0]
+        self.mask_inputs = kit.mask_inputs
+        with torch.no_grad(), distill.recording(student, [self.name]) as hidden:
+            student(*probe.for_student())
+        width = pooled(hidden[self.name], probe.mask).shape[-1]
+        self.head = moco.projection_head(width)
+        # kept out of the module tree: the optimizer must not train them
+        self.frozen = (student, moco.momentum_copy(student), moco.momentum_copy(self.head))
+        # at most 16 batches of keys (MoCo's 65,536 keys are 256 of its batches, for a far longer training),
+        # never more than half the samples (else a sample's own stale key would be a negative)
+        batch = len(probe.inputs[0])
+        self.queue = moco.KeyQueue(128, size=max(batch, min(moco.QUEUE_SIZE, kit.samples // 2, 16 * batch)))
+        # filled before the first step (MoCo starts from random keys): the loss then measures the same
+        # task all along instead of rising while the queue grows
+        with torch.no_grad():
+            while self.queue.filled < len(self.queue.keys):
+                batch = next(kit.batches)
+                self.queue.push(self.frozen[2](self.represent(self.frozen[1], batch.for_student(), batch.mask)))
+
+    def represent(self, net: nn.Module, inputs: tuple, mask) -> torch.Tensor:
+        with distill.recording(net, [self.name]) as hidden:
+            net(*inputs)
+        return pooled(hidden[self.name], mask)
+
+    def forward(self, state: dict) -> torch.Tensor:
+        from services.engine import moco
+
+        student, key_encoder, key_head = self.frozen
+        batch = state["batch"]
+        queries = self.head(self.represent(student, self.mask_inputs(batch), batch.mask))
+        with torch.no_grad():
+            keys = key_head(self.represent(key_encoder, batch.for_student(), batch.mask))
+        loss = moco.contrast_loss(queries, keys, self.queue)
+        self.queue.push(keys)
+        return loss
+
+    def follow(self) -> None:
+        """After each update: the momentum copies move a step toward the trained model and head."""
+        from services.engine import moco
+
+        student, key_encoder, key_head = self.frozen
+        moco.momentum_update(key_encoder, student)
+        moco.momentum_update(key_head, self.head)
+
+
+def labelled_rows(student: nn.Module, teacher: nn.Module, recovery: dict, context) -> np.ndarray | None:
+    """The fitting samples whose labels a `label_budget` buys, chosen once by the recipe's `selection`
+    (later rounds of an iterative schedule keep the samples already labelled); None without a budget.
+    The choice is recorded for the run's page."""
+    if not recovery.get("label_budget"):
+        return None
+    recorded = context.extra_metrics.get("labelled_samples")
+    if recorded is not None:
+        return np.asarray(recorded["indices"], dtype=np.int64)
+    from services.engine import selection
+
+    fit = context.fit_set()
+    arrays = [fit.inputs[name] for name in context.adapter.input_names]
+    strategy = recovery.get("selection", "random")
+    try:
+        rows, how = selection.choose_with_note(strategy, recovery["label_budget"], arrays, student, teacher,
+                                               getattr(context.adapter, "coupling", None), recovery["seed"])
+    except ValueError as error:  # a budget larger than this data set (an upload's size is known here only)
+        raise context.user_error(str(error)) from None
+    context.notes.append(f"Labels: {how}.")
+    context.extra_metrics["labelled_samples"] = {
+        "selection": strategy, "count": int(len(rows)), "of": int(len(arrays[0])), "indices": [int(i) for i in rows]}
+    return rows
+
+
 # ---- one recovery ------------------------------------------------------------------------------------
 
 def recover(student: nn.Module, teacher: nn.Module, recovery: dict, context, *, snapshots: list[nn.Module] = (),
@@ -315,20 +401,30 @@ def recover(student: nn.Module, teacher: nn.Module, recovery: dict, context, *, 
     training's outcome (its loss at every step)."""
     objective = recovery["objective"]
     architecture = context.architecture
-    kit = build_kit(architecture, student, teacher, context, recovery["batch_size"], recovery["seed"])
+    rows = labelled_rows(student, teacher, recovery, context)
+    kit = build_kit(architecture, student, teacher, context, recovery["batch_size"], recovery["seed"], rows)
     steps = steps or recovery["steps"]
     lr = recovery.get("lr") or DEFAULT_LR.get(architecture, 1e-4)
-    labels_used = kit.labels is not None and objective in ("supervised", "contrastive")
+    labels_used = kit.labels is not None and objective in ("supervised", "contrastive", "momentum-contrast")
     if objective == "supervised" and kit.labels is None:
         raise context.user_error("Supervised recovery needs class labels, and this model's fitting data has none.")
-    if objective == "masked" and kit.mask_inputs is None:
-        raise context.user_error("Masked recovery needs a mask token, and this model's tokenizer has none.")
+    if objective in ("masked", "momentum-contrast") and kit.mask_inputs is None:
+        raise context.user_error(f"{OBJECTIVES[objective].title} needs a mask token, and this model's tokenizer "
+                                 "has none.")
+    # a multi-task model whose second head's classes follow from the first's (digits-multitask: odd or
+    # even) learns both from the one label a sample carries
+    coupling = getattr(context.adapter, "coupling", None)
 
     def cross_entropy(student_out, teacher_out, batch):
-        logits = student_out[0] if isinstance(student_out, (tuple, list)) else student_out
-        return F.cross_entropy(logits, batch.labels)
+        outputs = student_out if isinstance(student_out, (tuple, list)) else (student_out,)
+        loss = F.cross_entropy(outputs[0], batch.labels)
+        if coupling is not None and len(outputs) > 1:
+            coarse = torch.as_tensor(np.asarray(coupling).argmax(1))[batch.labels]
+            loss = loss + F.cross_entropy(outputs[1], coarse)
+        return loss
 
     output_loss, hidden_pairs, hidden_weight, extra, extra_modules, student_inputs = None, [], 0.0, None, [], None
+    after_step = zero_masks(student)
     if objective == "supervised":
         output_loss = cross_entropy
     elif objective == "distill":
@@ -348,21 +444,49 @@ def recover(student: nn.Module, teacher: nn.Module, recovery: dict, context, *, 
         extra, extra_modules = (lambda state: CONTRASTIVE_WEIGHT * term(state)), [term]
         if kit.labels is not None:
             output_loss = cross_entropy
+    elif objective == "momentum-contrast":
+        term = MomentumTerm(student, kit, next(kit.batches))
+        extra, extra_modules = term, [term]
+        # the contrast shapes the representation; the output head is held to the labels when there are
+        # some, else to the original's outputs (nothing else tells the head what the classes are)
+        output_loss = cross_entropy if kit.labels is not None else kit.output_loss
+        keep_zeros = after_step
+
+        def after_step():
+            keep_zeros()
+            term.follow()
     else:
         raise context.user_error(f"Unknown recovery objective {objective!r}.")
+    helpers = list(recovery.get("aux") or [])
+    if helpers:
+        from services.engine.aux_heads import AuxiliaryTerm
+
+        aux = AuxiliaryTerm(helpers, student, architecture, next(kit.batches), recovery["seed"])
+        main = extra
+        extra = aux if main is None else (lambda state: main(state) + aux(state))
+        extra_modules = list(extra_modules) + [aux]
 
     groups = layer_groups(student, context.adapter)
     before_step = unfreeze_schedule(groups, recovery["unfreeze"], steps)
     outcome = distill.train(
         student, teacher, kit.batches, output_loss, steps=steps, lr=lr, progress=context.progress,
         hidden_pairs=hidden_pairs, hidden_weight=hidden_weight, shared_projections=False, seed=recovery["seed"],
-        after_step=zero_masks(student), describe=describe, parameters=[p for g in groups for p in g],
+        after_step=after_step, describe=describe, parameters=[p for g in groups for p in g],
         before_step=before_step, student_inputs=student_inputs, extra_loss=extra, extra_modules=extra_modules)
     for group in groups:
         for parameter in group:
             parameter.requires_grad_(True)
     start, end = outcome.losses[0], outcome.final_loss
     used = "the fitting samples' labels" if labels_used else "no labels"
+    if rows is not None:
+        chosen = context.extra_metrics["labelled_samples"]
+        used = (f"the labels of {chosen['count']} of {chosen['of']} fitting samples, chosen by "
+                f"{chosen['selection']}" if labels_used else "no labels")
+    if objective == "momentum-contrast":
+        used += ("; momentum contrast against a queue of earlier samples' keys, the output head held to "
+                 + ("the labels" if labels_used else "the original's outputs"))
+    if helpers:
+        used += f"; training-only helpers: {', '.join(helpers)} (not exported)"
     if objective == "contrastive":
         used += (f"; contrast against the original{' and ' + str(len(snapshots)) + ' earlier round(s)' if snapshots else ''}"
                  " (CAP's pre-trained and fine-tuned models are one checkpoint here)")

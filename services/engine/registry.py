@@ -105,5 +105,6 @@ class Method:
             wanted = " or ".join(ARCHITECTURES[a] for a in self.architectures)
             return f"works on {wanted}; this model is {ARCHITECTURES.get(architecture, architecture)}."
         if self.models and model_id not in self.models:
-            return f"works on the built-in {' and '.join(self.models)} only, whose encoders it changes from inside."
+            names = ", ".join(self.models[:-1]) + " and " + self.models[-1] if len(self.models) > 1 else self.models[0]
+            return f"works on the built-in {names} only, whose encoders it changes from inside."
         return ""

@@ -1,8 +1,10 @@
-"""`speech-ssl`: a 0.8 M-parameter Transformer over log-mel frames, pretrained self-supervised.
+"""`speech-ssl` and `speech-ssl-moco`: a 0.8 M-parameter Transformer over log-mel frames, pretrained
+self-supervised.
 
-create(): synthesize (or read the cached) eSpeak NG corpus, pretrain with masked-frame
-reconstruction on its audio, fine-tune a CTC digit head and a speaker head. The exported
-model takes a fixed-length padded batch, `features` (B, 160, 80) log-mel at 20 ms and
+create(): synthesize (or read the cached) eSpeak NG corpus, pretrain on its audio (speech-ssl:
+masked-frame reconstruction; speech-ssl-moco: momentum contrast), fine-tune a CTC digit head and a
+speaker head; the two differ only in the pretraining objective (services/engine/speech/train.py).
+The exported model takes a fixed-length padded batch, `features` (B, 160, 80) log-mel at 20 ms and
 `lengths` (B,) int64 real frames, and returns `digit_log_probs` (B, 160, 11) first, then
 `speaker_logits` (B, 12). Both tasks score this one model, each on its own output.
 """
@@ -56,9 +58,17 @@ class SpeechAdapter(ModelAdapter):
         model = train_speech_ssl(corpus, schedule, progress, span=(0.15, 0.7), seed=SEED)
         model.corpus_seconds = corpus_seconds  # type: ignore[attr-defined]
         model.train_seconds = time.perf_counter() - started  # type: ignore[attr-defined]
-        progress(0.7, f"speech-ssl trained: {schedule.pretrain_steps} pretraining and {schedule.finetune_steps} "
+        progress(0.7, f"{self.model_id} trained: {schedule.pretrain_steps} pretraining and {schedule.finetune_steps} "
                       f"fine-tuning steps in {model.train_seconds:.0f} s")
         return model
 
 
-ADAPTERS = [SpeechAdapter()]
+class SpeechMocoAdapter(SpeechAdapter):
+    """The same encoder and fine-tuning, pretrained with momentum contrast instead of masked frames."""
+    model_id = "speech-ssl-moco"
+
+    def __init__(self, schedule: Schedule | None = None):
+        super().__init__(schedule or Schedule(pretrain_objective="momentum-contrast"))
+
+
+ADAPTERS = [SpeechAdapter(), SpeechMocoAdapter()]

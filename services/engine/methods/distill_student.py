@@ -70,9 +70,13 @@ def classifier_loss(temperature: float, label_weight: float):
     from services.engine import distill
 
     def output_loss(student_logits, teacher_logits, batch):
-        loss = distill.soft_logit_loss(student_logits, teacher_logits, temperature)
+        # a model with several heads (digits-multitask: digit and parity) matches the original on each;
+        # the labels are the first head's
+        students = student_logits if isinstance(student_logits, (tuple, list)) else (student_logits,)
+        teachers = teacher_logits if isinstance(teacher_logits, (tuple, list)) else (teacher_logits,)
+        loss = sum(distill.soft_logit_loss(s, t, temperature) for s, t in zip(students, teachers))
         if batch.labels is not None and label_weight > 0:
-            loss = loss + label_weight * F.cross_entropy(student_logits, batch.labels)
+            loss = loss + label_weight * F.cross_entropy(students[0], batch.labels)
         return loss
 
     return output_loss

@@ -1,6 +1,7 @@
 """Static int8 quantization (QDQ) with ONNX Runtime, calibrated on samples of the task's fitting split."""
 from services.engine.methods._quantization import refuse_if_quantized, refuse_unknown_nodes
 from services.engine.registry import Method, Param
+from services.engine.selection import STRATEGIES  # numpy only: the web process may import it
 
 # The operators with weights a user may choose. Gemm stays Gemm here (ONNX Runtime runs it as QGemm).
 OPERATORS = ("Conv", "MatMul", "Gemm", "Gather")
@@ -20,16 +21,19 @@ ENTROPY_BINS = 512
 
 class FitSetReader:
     """Feeds ONNX Runtime's calibrator `count` samples of the fitting split, spread evenly over it
-    (a split stored in topic order would otherwise be calibrated on its first topics only).
+    (a split stored in topic order would otherwise be calibrated on its first topics only), or the
+    samples `indices` names (chosen by calibration_selection).
     The calibrators only call get_next(): None ends the data."""
 
-    def __init__(self, inputs: dict, count: int, batch: int = CALIBRATION_BATCH):
+    def __init__(self, inputs: dict, count: int, batch: int = CALIBRATION_BATCH, indices=None):
         import hashlib
 
         import numpy as np
 
         total = len(next(iter(inputs.values())))
-        self.indices = np.unique(np.linspace(0, total - 1, min(count, total)).round().astype(int))
+        if indices is None:
+            indices = np.linspace(0, total - 1, min(count, total)).round().astype(int)
+        self.indices = np.unique(indices)
         chosen = {name: values[self.indices] for name, values in inputs.items()}
         digest = hashlib.sha1()
         for name in sorted(chosen):
@@ -88,6 +92,48 @@ def _calibration_failure(error: Exception, method: str) -> str:
     return f"Calibration failed in ONNX Runtime ({type(error).__name__}: {str(error).splitlines()[0][:200]})."
 
 
+def _selected_samples(onnx_in, fit, params: dict, context):
+    """(indices, how) of the calibration samples for calibration_selection; (None, '') for 'random',
+    which keeps the samples spread evenly over the split (as good as a random draw, and reproducible).
+    Ranked on the step's input model with ONNX Runtime, grouped by the original model's outputs as
+    recovery's label budget is (services/engine/selection.py). Inconsistency on a one-headed model
+    compares it with the original's ONNX file; before any earlier step changed the model the two
+    answer alike, and it ranks by uncertainty instead (the note says so)."""
+    from pathlib import Path
+
+    from services.engine import selection
+
+    strategy = params["calibration_selection"]
+    if strategy == "random":
+        return None, ""
+    if getattr(context.adapter, "output_kind", "logits") != "logits":
+        raise context.user_error(f"Calibration selection '{strategy}' ranks samples by the model's class scores, and "
+                                 "this model outputs embeddings; use 'random'.")
+    total = len(next(iter(fit.inputs.values())))
+    count = min(params["calibration_samples"], total)
+    context.progress(0.1, f"ranking {total} samples by {strategy} to choose {count} for calibration")
+    outputs = selection.onnx_outputs(onnx_in, fit.inputs)
+    coupling = getattr(context.adapter, "coupling", None)
+    original = _original_onnx(context)
+    if original is None and strategy == "inconsistency" and (coupling is None or len(outputs) < 2):
+        raise context.user_error("Calibration selection 'inconsistency' compares this model with the original, "
+                                 "whose ONNX file is not available here; use 'uncertainty' or 'random'.")
+    same = original is not None and Path(original).resolve() == Path(onnx_in).resolve()
+    original_outputs = None if original is None else outputs if same else selection.onnx_outputs(original, fit.inputs)
+    return selection.choose_from_outputs(strategy, count, outputs, original_outputs, coupling, seed=0)
+
+
+def _original_onnx(context):
+    """The original model's exported ONNX file (the model row's artifact), or None."""
+    from pathlib import Path
+
+    artifact, home = (context.model or {}).get("artifact"), context.home
+    if not artifact or home is None:
+        return None
+    path = Path(home) / artifact
+    return path if path.is_file() else None
+
+
 def layer_names(onnx_path) -> list[str]:
     """Nodes a sensitivity scan can quantize one at a time: the layers with a constant weight."""
     import onnx
@@ -118,7 +164,8 @@ def apply(onnx_in, onnx_out, params: dict, context) -> None:
 
     only = [name for name in params.get("only_layers", []) if name in nodes]  # a sensitivity scan
     fit = context.fit_set()
-    reader = FitSetReader(fit.inputs, params["calibration_samples"])
+    indices, how = _selected_samples(onnx_in, fit, params, context)
+    reader = FitSetReader(fit.inputs, params["calibration_samples"], indices=indices)
     source = _pre_process(onnx_in, context.scratch, [*params["keep_float_nodes"], *only])
     operators = list(params["operators"]) + list(PASS_THROUGH)
     method = params["calibrate_method"]
@@ -157,7 +204,7 @@ def apply(onnx_in, onnx_out, params: dict, context) -> None:
         raise context.user_error(_nothing_quantized(params, nodes))
 
     note = (f"Activation ranges calibrated ({method}) on {len(reader.indices)} samples of "
-            f"{fit.extra.get('data', 'the fitting split')}.")
+            f"{fit.extra.get('data', 'the fitting split')}{'; ' + how if how else ''}.")
     if fit.extra.get("overlaps_scoring"):
         note += (" These samples are also the ones the score is computed on (the data set has no separate "
                  "split), so the score may flatter the quantized model slightly.")
@@ -179,6 +226,11 @@ METHOD = Method(
         Param("calibration_samples", "int", 128,
               "How many samples of the fitting split to measure the value ranges on (spread evenly over it). "
               "More samples give steadier ranges and take longer.", minimum=8, maximum=2048, step=8),
+        Param("calibration_selection", "choice", "random",
+              "Which samples of the fitting split to calibrate on: random (spread evenly over it, no preference), "
+              "uncertainty (those the model is least sure about), or inconsistency (where its two linked heads "
+              "disagree, or where it disagrees with the original model). Ranking runs the model once over the split.",
+              choices=STRATEGIES),
         Param("calibrate_method", "choice", "MinMax",
               "How a range is chosen from the measured values: MinMax keeps every value; Entropy and "
               "Percentile clip rare extremes to resolve common values better (slower to calibrate).",

@@ -119,7 +119,7 @@ METHOD = Method(
     stage="torch",
     applies_to=("torch",),
     architectures=("speech-transformer", "text-transformer"),
-    models=("speech-ssl", "minilm-l6"),
+    models=("speech-ssl", "speech-ssl-moco", "minilm-l6"),
     params=(
         Param("rate", "float", 2.0, "How many frames (audio) or tokens (text, by the last layer) become one: 1 = "
               "unchanged, 2 = a frame every 40 ms or half the tokens, 8 = every 160 ms or an eighth; any value in "

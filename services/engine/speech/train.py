@@ -1,9 +1,14 @@
-"""Training `speech-ssl`: masked-frame pretraining on unlabeled audio, then fine-tuning both heads.
+"""Training `speech-ssl`: self-supervised pretraining on unlabeled audio, then fine-tuning both heads.
 
-Pretraining hides spans of 4 frames (about 34% of each utterance) and reconstructs the hidden
-log-mel frames from the context (L1), with a linear head that is thrown away afterwards: it
-needs no labels. Fine-tuning then trains the whole encoder with the CTC loss over digit strings
-and the cross-entropy of the speaker head, on the labeled training split.
+Pretraining (no labels) is one of two objectives, `Schedule.pretrain_objective`:
+- "masked" (speech-ssl): hide spans of 4 frames (about 34% of each utterance) and reconstruct the
+  hidden log-mel frames from the context (L1), with a head that is thrown away afterwards;
+- "momentum-contrast" (speech-ssl-moco): each block of frames seen through a masked view must pick
+  out its own key, computed by a slowly moving copy of the encoder on another view, among the keys
+  of other blocks and utterances (MoCo, services/engine/moco.py).
+`Schedule.pretrain_share` pretrains on a fixed seeded part of the training audio. Fine-tuning then
+trains the whole encoder with the CTC loss over digit strings and the cross-entropy of the speaker
+head, on the whole labeled training split.
 """
 from __future__ import annotations
 
@@ -50,6 +55,8 @@ class Schedule:
     once_for_all: bool = True
     max_rate: float = 8.0
     full_rate_share: float = 0.2
+    pretrain_objective: str = "masked"  # or "momentum-contrast" (PRETRAIN_OBJECTIVES)
+    pretrain_share: float = 1.0  # share of the training split's audio pretraining sees (a fixed seeded subset)
 
     def scaled(self, scale: float | None = None) -> "Schedule":
         scale = steps_scale() if scale is None else scale
@@ -57,11 +64,19 @@ class Schedule:
                        finetune_steps=max(1, round(self.finetune_steps * scale)))
 
 
-class TrainingSet:
-    """The training split as padded tensors, cut to the longest utterance of each batch."""
+PRETRAIN_OBJECTIVES = ("masked", "momentum-contrast")
 
-    def __init__(self, corpus: SpeechCorpus, seed: int = SEED):
+
+class TrainingSet:
+    """The training split as padded tensors, cut to the longest utterance of each batch.
+
+    `share` < 1 keeps a fixed part of it, drawn by `seed` (how much unlabeled audio pretraining sees)."""
+
+    def __init__(self, corpus: SpeechCorpus, seed: int = SEED, share: float = 1.0):
         self.indices = corpus.select("train")
+        if share < 1.0:
+            keep = max(1, round(share * len(self.indices)))
+            self.indices = np.sort(np.random.default_rng(seed + 4).choice(self.indices, size=keep, replace=False))
         features, lengths = corpus.padded(self.indices, MAX_FRAMES)
         self.features = torch.from_numpy(features)
         self.clean = torch.from_numpy(corpus.padded(self.indices, MAX_FRAMES, clean=True)[0])
@@ -84,6 +99,7 @@ class TrainingSet:
     def batch(self, size: int = BATCH) -> dict:
         """`size` utterances of similar length (drawn from a window of the length-sorted set), so
         that little compute goes to padding: random batches pad to nearly twice the mean length."""
+        size = min(size, len(self))
         window = min(len(self), 3 * size)
         start = int(self.rng.integers(0, len(self) - window + 1))
         rows = torch.from_numpy(self.rng.choice(self.by_length[start:start + window], size=size, replace=False))
@@ -91,7 +107,7 @@ class TrainingSet:
         frames = int(lengths.max())
         return {"features": self.features[rows, :frames], "clean": self.clean[rows, :frames], "lengths": lengths,
                 "voice": self.voice[rows], "is_digits": self.is_digits[rows],
-                "targets": [self.targets[i] for i in rows.tolist()]}
+                "targets": [self.targets[i] for i in rows.tolist()], "rows": rows}
 
 
 def hide_spans(lengths: torch.Tensor, frames: int, rng: np.random.Generator, span: int = MASK_SPAN,
@@ -157,6 +173,86 @@ def pretrain(model: SpeechEncoder, data: TrainingSet, steps: int, lr: float = 1e
             loss = loss + visible_weight * error[(mask > 0) & ~hide].mean()
         losses.append(_step(model, loss, optimizer, scheduler))
         _report(progress, span, step, steps, "masked-frame pretraining", float(np.mean(losses[-25:])))
+    model.eval()
+    return losses
+
+
+MOCO_BLOCK = 8  # frames (160 ms, about half a spoken digit) pooled into one contrasted block
+MOCO_SHIFT = MOCO_BLOCK  # the query view starts up to this many frames later than the key view
+MOCO_GAIN = 0.7  # the query view's loudness moves by up to this much (natural-log power: ±3 dB)
+MOCO_QUEUE = 4096  # keys of earlier batches (a batch holds about 300 blocks)
+
+
+def _pool_blocks(hidden: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor, block: int | None,
+                 shift: torch.Tensor) -> torch.Tensor:
+    """(blocks, D): the mean hidden state of each block. `lengths` are the utterances' own. A view
+    that starts `shift` frames into its utterance sees block b (its frames [b block, (b + 1) block)) at
+    frames b block - shift; only blocks whole in both views are kept (`starts`: the first such block
+    per row). `block` None: the whole utterance is one block (then `shift` must be 0)."""
+    if block is None:
+        mask = (torch.arange(hidden.shape[1])[None, :] < lengths[:, None]).to(hidden.dtype)
+        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    rows, firsts = [], []
+    for row, (first, end) in enumerate(zip(starts.tolist(), (lengths // block).tolist())):
+        rows += [row] * max(0, end - first)
+        firsts += [b * block - int(shift[row]) for b in range(first, end)]
+    rows, firsts = torch.tensor(rows, dtype=torch.long), torch.tensor(firsts, dtype=torch.long)
+    frames = firsts[:, None] + torch.arange(block)[None, :]  # (N, block)
+    return hidden[rows[:, None], frames].mean(1)
+
+
+def pretrain_momentum_contrast(model: SpeechEncoder, data: TrainingSet, steps: int, lr: float = 1e-3,
+                               seed: int = SEED, progress: Progress | None = None,
+                               span: tuple[float, float] = (0.0, 1.0), denoise: bool = True,
+                               block: int | None = MOCO_BLOCK, queue_size: int = MOCO_QUEUE) -> list[float]:
+    """Momentum contrast on the training audio, labels unused. Returns the loss per step.
+
+    The query view: the noisy utterance, started up to MOCO_SHIFT frames late, louder or quieter by
+    up to MOCO_GAIN, with spans hidden as in masked-frame pretraining. The key view: the same
+    utterance whole and untouched, without its noise when `denoise` (as masked pretraining's targets),
+    encoded by the momentum copy. Each block of MOCO_BLOCK frames is contrasted, not the utterance:
+    spoken-digits reads frames, and an utterance-level contrast is solved by the voice, the noise and
+    the length alone (every utterance differs in them), so it teaches little about what is said. The
+    other blocks of the same utterance are negatives too (as in wav2vec 2.0): they share voice, noise
+    and length, only what is said tells them apart. The shift keeps the frame position from naming the
+    block; the hidden spans make the encoder infer what they hide from the context."""
+    from services.engine.moco import KeyQueue, contrast_loss, momentum_copy, momentum_update, projection_head
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    width = model.norm.normalized_shape[0]
+    # Training-only (thrown away afterwards): the projection head, its momentum copy, the stand-in for
+    # hidden frames; the momentum encoder runs without dropout, so that keys are stable targets.
+    head = projection_head(width)
+    hidden_frame = nn.Parameter(torch.randn(width) * 0.02)
+    key_encoder, key_head = momentum_copy(model).eval(), momentum_copy(head)
+    queue = KeyQueue(head[-1].out_features, queue_size)
+    optimizer, scheduler = _optimizer([*model.parameters(), *head.parameters(), hidden_frame], lr, steps)
+    model.train()
+    losses = []
+    for step in range(steps):
+        batch = data.batch()
+        features, lengths = batch["features"], batch["lengths"]
+        frames = features.shape[1]
+        shift = torch.from_numpy(rng.integers(0, MOCO_SHIFT if block else 1, len(lengths)))
+        shift = torch.minimum(shift, lengths - 1)
+        late = (torch.arange(frames)[None, :] + shift[:, None]).clamp(max=frames - 1)  # the view starts late
+        gain = torch.from_numpy(rng.uniform(-MOCO_GAIN, MOCO_GAIN, (len(lengths), 1, 1)).astype(np.float32))
+        query_view = torch.gather(features, 1, late[..., None].expand(-1, -1, features.shape[2])) + gain
+        query_lengths = lengths - shift
+        hide = hide_spans(query_lengths, frames, rng)
+        starts = -(-shift // block) if block else shift
+        hidden, _ = model.encode(query_view, query_lengths, hide=hide, hidden_frame=hidden_frame)
+        pooled = _pool_blocks(hidden, lengths, starts, block, shift)
+        with torch.no_grad():
+            key_hidden, _ = key_encoder.encode(batch["clean"] if denoise else features, lengths)
+            keys = key_head(_pool_blocks(key_hidden, lengths, starts, block, torch.zeros_like(shift)))
+        loss = contrast_loss(head(pooled), keys, queue)
+        losses.append(_step(model, loss, optimizer, scheduler))
+        momentum_update(key_encoder, model)
+        momentum_update(key_head, head)
+        queue.push(keys)
+        _report(progress, span, step, steps, "momentum-contrast pretraining", float(np.mean(losses[-25:])))
     model.eval()
     return losses
 
@@ -234,6 +330,8 @@ def train_speech_ssl(corpus: SpeechCorpus, schedule: Schedule, progress: Progres
     `model` defaults to a fresh SpeechEncoder; any module with the same forward, `ctc_head`,
     `speaker_head`, `pool` and feature statistics can be fine-tuned the same way (bench/speech.py).
     """
+    if schedule.pretrain_objective not in PRETRAIN_OBJECTIVES:
+        raise ValueError(f"unknown pretraining objective {schedule.pretrain_objective!r}: one of {PRETRAIN_OBJECTIVES}")
     torch.manual_seed(seed)
     data = TrainingSet(corpus, seed)
     model = model if model is not None else SpeechEncoder(n_speakers=int(corpus.voice.max()) + 1)
@@ -242,10 +340,15 @@ def train_speech_ssl(corpus: SpeechCorpus, schedule: Schedule, progress: Progres
     model.feature_std.copy_(std)
     total = schedule.pretrain_steps + schedule.finetune_steps
     middle = span[0] + (span[1] - span[0]) * schedule.pretrain_steps / total
+    # Pretraining sees the audio only (of a part of the split when pretrain_share < 1); fine-tuning the whole split.
+    unlabeled = data if schedule.pretrain_share >= 1.0 else TrainingSet(corpus, seed, schedule.pretrain_share)
     started = time.perf_counter()
-    if schedule.pretrain_steps:
-        pretrain(model, data, schedule.pretrain_steps, schedule.pretrain_lr, seed, progress, (span[0], middle),
+    if schedule.pretrain_steps and schedule.pretrain_objective == "masked":
+        pretrain(model, unlabeled, schedule.pretrain_steps, schedule.pretrain_lr, seed, progress, (span[0], middle),
                  schedule.deep_reconstruction, schedule.visible_weight, schedule.denoise)
+    elif schedule.pretrain_steps:
+        pretrain_momentum_contrast(model, unlabeled, schedule.pretrain_steps, schedule.pretrain_lr, seed, progress,
+                                   (span[0], middle), schedule.denoise)
     pretrained = time.perf_counter()
     rates = (RateSampler(schedule.max_rate, schedule.full_rate_share, seed) if schedule.once_for_all else None)
     finetune(model, data, schedule.finetune_steps, schedule.finetune_lr, seed, schedule.speaker_weight,

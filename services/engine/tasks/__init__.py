@@ -17,6 +17,7 @@ from services.engine.tasks.digits import digits_data  # noqa: F401  (re-exported
 # task name -> module with eval_set(task) -> EvalSet and score(task, evaluation, outputs) -> dict
 TASK_MODULES = {
     "digits": "services.engine.tasks.digits",
+    "digits-parity": "services.engine.tasks.digits",  # digits-multitask's parity head
     "pydoc-retrieval": "services.engine.tasks.pydoc_retrieval",
     "spoken-digits": "services.engine.tasks.speech",
     "speaker-id": "services.engine.tasks.speech",
