@@ -6,7 +6,7 @@ Each sample's query is pulled toward the key of another view of the same sample 
 a queue of keys of earlier batches: many more negatives than one batch holds, and all of them
 computed by nearly the same encoder, which is what the momentum is for. No labels anywhere.
 
-Used by speech-ssl's pretraining (services/engine/speech/train.py) and by the `momentum-contrast`
+Used by speech-ssl-moco's pretraining (services/engine/speech/train.py) and by the `momentum-contrast`
 recovery objective (services/engine/recovery.py).
 """
 from __future__ import annotations
