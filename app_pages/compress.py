@@ -7,7 +7,7 @@ import streamlit as st
 from services import api
 from services.catalog import TASKS, architecture_of
 from services.errors import UserError
-from services.recipes import parse_recipe_text
+from services.recipes import fitting_sample_count, parse_recipe_text
 from ui.charts import sensitivity_chart
 from ui.recipe_form import param_widget
 from ui.session import get_db, worker_banner
@@ -188,9 +188,23 @@ def label_budget_widgets(settings: dict, chosen: dict, uid: str) -> None:
     explained = {s["name"]: s["explanation"] for s in strategies}
     left, right = st.columns([1, 2])
     with left:
-        share = float(chosen.get("label_budget", 0.1)) if float(chosen.get("label_budget", 0.1)) <= 1 else 0.1
-        settings["label_budget"] = st.number_input("Share of samples to label", min_value=0.01, max_value=1.0,
-                                                   value=share, step=0.01, format="%.2f", key=f"{uid}-budget")
+        budget = chosen.get("label_budget", 0.1)
+        available = fitting_sample_count(model, task)
+        # a recipe loaded with a count (label_budget: 30, an int once checked) keeps it instead of becoming a share
+        is_count = isinstance(budget, int) and not isinstance(budget, bool)
+        as_count = st.radio("Budget as", ["share", "count"], horizontal=True, key=f"{uid}-budget-unit",
+                            index=1 if is_count else 0, format_func={"share": "share", "count": "number"}.get)
+        if as_count == "count":
+            settings["label_budget"] = int(st.number_input(
+                "Number of samples to label", min_value=1, max_value=available,
+                value=budget if is_count else min(50, available or 50), step=1, key=f"{uid}-budget-count"))
+        else:
+            share = float(budget) if not is_count and float(budget) <= 1 else 0.1
+            settings["label_budget"] = st.number_input("Share of samples to label", min_value=0.01, max_value=1.0,
+                                                       value=share, step=0.01, format="%.2f", key=f"{uid}-budget")
+        if available:
+            count = settings["label_budget"] if as_count == "count" else round(settings["label_budget"] * available)
+            st.caption(f"{count:,} of the {available:,} fitting samples get a label.")
     with right:
         strategy = st.radio("Which samples", list(explained), horizontal=True, key=f"{uid}-selection",
                             index=list(explained).index(chosen.get("selection", "random")))
@@ -225,7 +239,10 @@ def recovery_panel() -> tuple[dict, object]:
                 picked = st.multiselect(
                     "Training-only helpers (self-supervised, removed before export: same size and speed)",
                     list(explained), default=[h for h in chosen.get("aux", []) if h in explained],
-                    key=f"{uid}-aux", help=" ".join(f"{n}: {e}" for n, e in explained.items()))
+                    key=f"{uid}-aux", placeholder="None (optional)",
+                    help="\n".join(f"- **{n}**: {e}" for n, e in explained.items()))
+                for name in picked:  # what each chosen helper does, without hovering the help icon
+                    st.caption(f"**{name}**: {explained[name]}")
                 if picked:
                     settings["aux"] = picked
             if objective == "supervised":

@@ -59,14 +59,16 @@ def label_budget_section(labelled: dict) -> None:
             for index, image in enumerate(images):  # 8x8 digits on a grid with a 1-pixel white gap
                 row, column = divmod(index, columns)
                 grid[row * 9:row * 9 + 8, column * 9:column * 9 + 8] = 1.0 - np.asarray(image)
-            st.image(np.kron(grid, np.ones((4, 4))), clamp=True,
-                     caption=f"The first {len(images)} chosen images (dark = ink)")
+            shown = (f"The first {len(images)} of the {labelled['count']:,} chosen images"
+                     if len(images) < labelled["count"] else f"The {len(images)} chosen images")
+            st.image(np.kron(grid, np.ones((4, 4))), clamp=True, caption=f"{shown} (dark = ink)")
         with st.expander("Indices of the chosen samples (in the fitting split)"):
             st.code(", ".join(map(str, labelled["indices"])), language=None, wrap_lines=True)
     with right:
         points = api.label_curve(db, run["id"])
         if len({p["selection"] for p in points}) > 1 or len(points) > 2:
-            st.altair_chart(label_curve_chart(points, metrics["score_name"]), width="stretch")
+            st.altair_chart(label_curve_chart(points, metrics["score_name"], this_run=run["id"]), width="stretch")
+            st.caption("Each dot is a run (click it to open it); the ringed dot is this run.")
         else:
             st.caption("Score against labels: run this recipe at other budgets and strategies to draw it.")
         if st.button("Try every strategy at half, this and twice this budget",

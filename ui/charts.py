@@ -140,25 +140,46 @@ def rate_chart(points: list[dict], architecture: str = "speech-transformer") -> 
             + learned.mark_point(filled=True, size=260, shape="diamond").encode(href="link")).properties(height=300)
 
 
-def label_curve_chart(points: list[dict], score_name: str) -> alt.Chart:
+STRATEGY_COLORS = {"random": "#4c78a8", "uncertainty": "#f58518", "inconsistency": "#54a24b"}
+
+
+def label_curve_chart(points: list[dict], score_name: str, this_run: str | None = None) -> alt.Chart:
     """Score against the number of labels bought, one line per selection strategy; the score with every
-    label as a grey rule and 95 % of it dashed (the share the active-learning study aims for)."""
+    label as a grey rule and 95 % of it dashed (the share the active-learning study aims for), both named
+    in the legend; `this_run` (a run id) is ringed."""
     frame = pd.DataFrame(points)
     frame["score_pct"] = 100.0 * frame["score"]
     frame["link"] = "/result?id=" + frame["run_id"]
     budgeted = frame[frame["selection"] != "all labels"]
     full = frame[frame["selection"] == "all labels"]
+    counts = sorted(budgeted["labels"].unique().tolist())
+    # a log axis ticked at the budgets that were run (not at 10, 30, 50, …), a little room either side
+    x_scale = alt.Scale(type="log", domain=[counts[0] / 1.25, counts[-1] * 1.25], nice=False)
+    reference = float(full["score_pct"].max()) if len(full) else None
+    shown = budgeted["score_pct"].tolist() + ([reference, 0.95 * reference] if reference is not None else [])
+    y_scale = alt.Scale(domain=[min(shown) - 1, max(shown) + 1], nice=False)  # no rule on the frame
+    strategies = sorted(budgeted["selection"].unique().tolist())
+    colors = alt.Scale(domain=strategies, range=[STRATEGY_COLORS.get(s, "#b279a2") for s in strategies])
     base = alt.Chart(budgeted).encode(
-        x=alt.X("labels", title="Labelled samples", scale=alt.Scale(zero=False, type="log")),
-        y=alt.Y("score_pct", title=f"{score_name} (%)", scale=alt.Scale(zero=False, nice=True)),
-        color=alt.Color("selection", title="Which samples", legend=alt.Legend(orient="bottom")),
+        x=alt.X("labels", title="Labelled samples (log scale)", scale=x_scale,
+                axis=alt.Axis(values=counts, format="d", grid=True)),
+        y=alt.Y("score_pct", title=f"{score_name} (%)", scale=y_scale),
+        color=alt.Color("selection", title="Which samples", scale=colors, legend=alt.Legend(orient="bottom")),
         tooltip=["selection", "labels", alt.Tooltip("score_pct", title=f"{score_name} (%)", format=".2f")])
     chart = base.mark_line() + base.mark_point(filled=True, size=80).encode(href="link")
-    if len(full):
-        reference = float(full["score_pct"].max())
+    if this_run is not None and (budgeted["run_id"] == this_run).any():
+        ring = budgeted[budgeted["run_id"] == this_run].assign(what="this run")
+        chart = chart + alt.Chart(ring).mark_point(size=320, strokeWidth=2, color="black").encode(
+            x="labels", y="score_pct", tooltip=["what", "selection", "labels"])
+    if reference is not None:
         rules = pd.DataFrame({"score_pct": [reference, 0.95 * reference],
-                              "what": [f"every label ({reference:.1f}%)", "95% of it"]})
+                              "what": [f"every label ({int(full['labels'].max()):,}): {reference:.1f}%",
+                                       f"95% of that: {0.95 * reference:.1f}%"]})
         chart = chart + alt.Chart(rules).mark_rule(color="grey").encode(
-            y="score_pct", strokeDash=alt.condition(alt.datum.what == "95% of it", alt.value([5, 4]), alt.value([1, 0])),
+            y=alt.Y("score_pct", scale=y_scale),
+            strokeDash=alt.StrokeDash("what", title="Reference", scale=alt.Scale(
+                domain=rules["what"].tolist(), range=[[1, 0], [5, 4]]),
+                legend=alt.Legend(orient="bottom", direction="vertical", symbolType="stroke", symbolSize=400,
+                                  symbolStrokeColor="grey", symbolStrokeWidth=1.5, labelLimit=300)),
             tooltip=["what"])
-    return chart.properties(height=280)
+    return chart.properties(height=380)  # the legends below take about 150 px of it

@@ -37,9 +37,9 @@ OBJECTIVES = {
         "robust to missing parts."),
     "momentum-contrast": Objective(
         "momentum-contrast", "Momentum contrast (MoCo)",
-        "Trains the compressed model to recognize each sample with a quarter of it hidden among many earlier "
-        "samples, against a slowly moving copy of itself; needs no labels (the output head follows the labels "
-        "when there are some, else the original's outputs)."),
+        "Hides a quarter of each input and trains the compressed model to tell which sample it was, out of many "
+        "recent ones, by comparing with a slowly updated copy of itself; needs no labels (its final layer follows "
+        "the labels when there are some, else the original's answers)."),
 }
 UNFREEZE = {
     "all": "every layer is trained",

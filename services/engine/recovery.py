@@ -480,8 +480,7 @@ def recover(student: nn.Module, teacher: nn.Module, recovery: dict, context, *, 
     used = "the fitting samples' labels" if labels_used else "no labels"
     if rows is not None:
         chosen = context.extra_metrics["labelled_samples"]
-        used = (f"the labels of {chosen['count']} of {chosen['of']} fitting samples, chosen by "
-                f"{chosen['selection']}" if labels_used else "no labels")
+        used = f"their labels, chosen by {chosen['selection']}" if labels_used else "no labels"
     if objective == "momentum-contrast":
         used += ("; momentum contrast against a queue of earlier samples' keys, the output head held to "
                  + ("the labels" if labels_used else "the original's outputs"))
@@ -490,7 +489,8 @@ def recover(student: nn.Module, teacher: nn.Module, recovery: dict, context, *, 
     if objective == "contrastive":
         used += (f"; contrast against the original{' and ' + str(len(snapshots)) + ' earlier round(s)' if snapshots else ''}"
                  " (CAP's pre-trained and fine-tuned models are one checkpoint here)")
-    return (f"Recovery ({objective}): {steps} steps ({outcome.seconds:.0f} s) on {kit.samples} {kit.data}, "
+    data = f"of {chosen['of']:,} fitting samples" if rows is not None else kit.data
+    return (f"Recovery ({objective}): {steps} steps ({outcome.seconds:.0f} s) on {kit.samples:,} {data}, "
             f"{used}; {UNFREEZE[recovery['unfreeze']]}; loss {start:.4f} → {end:.4f}."), outcome
 
 

@@ -37,9 +37,9 @@ STRATEGIES = ("random", "uncertainty", "inconsistency")
 EXPLANATIONS = {
     "random": "Label a random share of the samples: every sample is as likely to be chosen.",
     "uncertainty": "Label the samples the model is least sure about (its class scores are spread out the most).",
-    "inconsistency": "Label the samples where the model contradicts itself: its two linked answers disagree "
-                     "(a digit called 3 but even), or, for a model with one answer, where the compressed model "
-                     "and the original disagree. Needs no labels.",
+    "inconsistency": "Label the samples where the answers disagree: the compressed model and the original, or, "
+                     "on a model with two linked answers, those two (a digit called 3 but said to be even). "
+                     "Needs no labels.",
 }
 _EPSILON = 1e-12
 
@@ -200,7 +200,7 @@ def onnx_outputs(path, feed: dict, batch: int = 256) -> list[np.ndarray]:
 
 
 def _drawn(count: int, available: int, seed: int) -> str:
-    return f"{count} of {available} samples drawn at random (seed {seed})"
+    return f"{count:,} of {available:,} samples drawn at random (seed {seed})"
 
 
 def choose_from_outputs(strategy: str, count: int, outputs: list[np.ndarray],
@@ -227,7 +227,7 @@ def choose_from_outputs(strategy: str, count: int, outputs: list[np.ndarray],
     criterion = {"uncertainty": "the most uncertain class scores",
                  "inconsistency": "the largest disagreement between the two heads" if coupled
                  else "the largest disagreement with the original model"}[used]
-    return chosen, (f"{count} of {n} samples chosen by {strategy}: in each of {count} groups of similar samples, "
+    return chosen, (f"{count:,} of {n:,} samples chosen by {strategy}: in each of {count:,} groups of similar samples, "
                     f"the one with {criterion}{why}")
 
 
