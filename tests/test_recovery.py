@@ -125,7 +125,7 @@ def test_a_job_with_iterative_pruning_and_recovery(digits_store, digits_prepared
     model = dict(digits_prepared.model)
     runs = {}
     for name, settings in (("none", {"objective": "none"}),
-                           ("rounds", {"objective": "contrastive", "rounds": 3, "steps": 100, "unfreeze": "gradual"})):
+                           ("rounds", {"objective": "contrastive", "rounds": 3, "steps": 50, "unfreeze": "gradual"})):
         recipe = validate_recipe({"steps": [{"method": "prune.magnitude", "params": {"amount": 0.9}},
                                             {"method": "quantize.dynamic"}], "recovery": settings},
                                  model, DIGITS_TASKS)
