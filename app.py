@@ -57,7 +57,9 @@ else:
     with st.sidebar:
         st.caption("Try compression options on a neural network and see what each does to its size, "
                    "speed and score. Every result has a link you can share.")
-        if access.sign_in_required() and st.session_state.get("signed_in") and st.button("Sign out"):
-            st.session_state.signed_in = False
-            st.rerun()
+        if access.sign_in_required() and signed_in() and st.button("Sign out"):
+            if st.session_state.get("signed_in"):  # the team password
+                st.session_state.signed_in = False
+                st.rerun()
+            st.logout()  # the OpenID Connect provider's session (st.login)
     page.run()

@@ -116,3 +116,29 @@ def test_a_shared_comparison_and_search_show_only_their_runs(signed_off):
     at = open_page("app_pages/share.py", id=share["id"])
     assert texts(at.title) == ["Digits CNN: a compression search"] and len(at.dataframe[0].value) == 1
     assert not at.button and not at.get("page_link")
+
+
+OIDC = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "a-long-random-cookie-secret-0123",
+        "client_id": "explorer", "client_secret": "not-a-real-secret",
+        "server_metadata_url": "https://accounts.example.com/.well-known/openid-configuration"}
+
+
+@pytest.mark.parametrize("page", ["app_pages/compare.py", "app_pages/result.py"])
+def test_with_an_openid_provider_the_sign_in_is_its_button_and_no_password_or_data(signed_off, page):
+    """[auth] in secrets.toml: Streamlit's st.login is the way in (the provider is not reached here: no
+    network), and the team password form is not offered even when its hash is set."""
+    from streamlit.testing.v1 import AppTest
+
+    from test_pages import APP
+
+    _, run = signed_off
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.secrets["auth"] = OIDC
+    at.query_params["id"] = run["id"]
+    at.switch_page(page)
+    at.run()
+    assert not at.exception
+    assert texts(at.title) == ["Compression Explorer"] and [b.label for b in at.button] == ["Sign in"]
+    assert not at.text_input  # no password form
+    assert not at.get("dataframe") and not at.get("metric") and not at.get("vega_lite_chart")
+    assert not any(run["id"] in text for text in texts(at.markdown) + texts(at.caption) + texts(at.code))
