@@ -88,6 +88,8 @@ def submit_label_sweep(db, run_id: str, factors=LADDER) -> list[dict]:
 def _pending(db, run: dict) -> set[tuple]:
     """(selection, labels) of this recipe's compress jobs still queued or running: a second click on the
     sweep does not queue them twice."""
+    from services.engine.selection import budget_count
+
     key, found = _without_budget(run["recipe"]), set()
     for status in ("queued", "running"):
         for job in api.list_jobs(db, status=status, limit=500, model_id=run["model_id"]):
@@ -99,7 +101,6 @@ def _pending(db, run: dict) -> set[tuple]:
             if budget is None:
                 found.add((ALL_LABELS, None))
             else:
-                of = run["metrics"]["labelled_samples"]["of"]
-                count = max(1, round(budget * of)) if isinstance(budget, float) and budget <= 1 else int(budget)
-                found.add((recovery.get("selection", "random"), count))
+                found.add((recovery.get("selection", "random"),
+                           budget_count(budget, run["metrics"]["labelled_samples"]["of"])))
     return found
