@@ -7,9 +7,9 @@ are timed together by `measure.measure_latency` (interleaved rounds, fixed threa
 share one stretch of machine noise. Fidelity is the cosine of each scored paragraph's embedding with
 the original's, on the 512 scored pydoc paragraphs that no step fitted on: mean and worst.
 
-    .venv/bin/python bench/catalog.py [--threads 2] [--seconds 6] [--only NAME,...]
+    .venv/bin/python bench/catalog.py [--threads 2] [--seconds 6] [--only NAME,...] [--steps N] [--out NAME] [--keep-home]
 
-Writes bench/out/catalog.md.
+Writes bench/out/catalog.md (or OUT.md with --out OUT).
 """
 from __future__ import annotations
 
@@ -84,7 +84,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=6.0, help="timing budget per model")
     parser.add_argument("--only", default="", help="comma-separated row names to build (default: all)")
+    parser.add_argument("--steps", type=int, default=0, help="override distill.student's steps in the built rows")
+    parser.add_argument("--out", default="catalog", help="writes bench/out/OUT.md")
+    parser.add_argument("--keep-home", action="store_true", help="keep the temporary data folder (artifacts)")
     args = parser.parse_args()
+    if args.steps:
+        for steps in RECIPES.values():
+            for step in steps:
+                if step["method"] == "distill.student":
+                    step["params"]["steps"] = args.steps
     os.environ["EXPLORER_BENCH_THREADS"] = str(args.threads)
     os.environ["EXPLORER_BENCH_SECONDS"] = "0.5"  # each job's own timing is not used here
     import numpy as np
@@ -176,7 +184,10 @@ def main() -> None:
                         "b32": base["batch_latency_ms"]["p50"] / t32, "b1_ms": t1, "b32_ms": t32,
                         "recall": None, "mean": 1.0, "worst": 1.0, "job_s": 0.0})
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        if args.keep_home:
+            print(f"data folder kept: {home}", flush=True)
+        else:
+            shutil.rmtree(home, ignore_errors=True)
 
     lines = [
         "# The catalog on all-MiniLM-L6-v2, one run",
@@ -198,7 +209,7 @@ def main() -> None:
         lines.append(f"| {row['label']} | {mb} | {row['params']:,} | {row['b1']:.2f} | {row['b32']:.2f} | "
                      f"{row['b1_ms']:.2f} | {row['b32_ms']:.1f} | {recall} | {row['mean']:.4f} | "
                      f"{row['worst']:.4f} | {row['job_s']:.0f} |")
-    out = ROOT / "bench" / "out" / "catalog.md"
+    out = ROOT / "bench" / "out" / f"{args.out}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

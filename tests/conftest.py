@@ -137,6 +137,24 @@ def digits_prepared(tmp_path_factory):
     return SimpleNamespace(home=home, store=store, model=model, onnx=store.resolve(model["artifact"]))
 
 
+@pytest.fixture(scope="session")
+def ray_home():
+    """A short data folder for the Ray tests' own Ray sessions (Unix sockets allow 107 bytes, and pytest's
+    tmp paths are long): its ray/ folder holds the session files and the one auth token every Ray
+    started by this test process shares (Ray caches the token per process)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="xr-"))
+    saved = {name: os.environ.get(name) for name in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
+    yield folder
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture
 def digits_store(digits_prepared, tmp_path):
     """This test's own copy of the prepared digits-cnn data folder, as an artifact store."""

@@ -7,8 +7,10 @@ or has its Ray worker process killed with SIGKILL mid-task.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -22,12 +24,48 @@ LONG = {"steps": [{"method": "distill.student", "params": {"width": 0.5, "steps"
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(ray_home):
+    """The local Ray a worker starts when RAY_ADDRESS is unset (services.executor_ray.connect), 2 CPUs."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    from services.executor_ray import connect
+
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ["EXPLORER_RAY_CPUS"] = "2"
+    try:
+        connect(ray_home)
+    finally:
+        os.environ.pop("EXPLORER_RAY_CPUS", None)
     yield ray
     ray.shutdown()
+
+
+def test_a_local_ray_keeps_its_files_in_the_data_folder(local_ray, ray_home):
+    """Session files (logs, sockets) and the token of Ray's token authentication lie under EXPLORER_HOME/ray,
+    not in /tmp/ray or ~/.ray; token authentication stays on."""
+    from ray._private import worker
+
+    session = Path(worker._global_node.get_session_dir_path()).resolve()
+    assert session.parent == (ray_home / "ray").resolve()
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"])
+    assert token == (ray_home / "ray" / "auth_token").resolve() and len(token.read_text()) == 64
+    assert token.stat().st_mode & 0o077 == 0  # readable by its owner only
+    assert os.environ["RAY_AUTH_MODE"] == "token"  # ray.init's default for a local cluster, kept
+    assert local_ray.cluster_resources()["CPU"] == 2
+
+
+def test_a_data_folder_too_long_for_unix_sockets_falls_back_to_a_short_temporary_folder(tmp_path, monkeypatch,
+                                                                                         capsys):
+    from services.executor_ray import SOCKET_PATH_ROOM, local_ray_files
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "set by the environment")  # leaves this process's token alone
+    long_home = tmp_path / ("x" * SOCKET_PATH_ROOM)
+    folder = Path(local_ray_files(long_home))
+    try:
+        assert len(str(folder)) <= SOCKET_PATH_ROOM and folder.is_dir()
+        assert "too long for Ray's sockets" in capsys.readouterr().err
+        assert not (long_home / "ray" / "auth_token").exists()  # the environment's token is used
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
