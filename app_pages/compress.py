@@ -70,10 +70,12 @@ def load_recipe(text: str) -> None:
         add_step(step["method"], step["params"])
     st.session_state.recovery = recipe["recovery"]
     st.session_state.recovery_uid = secrets.token_hex(4)  # fresh widgets showing the loaded values
+    st.session_state.gpus = recipe.get("gpus", 0)
 
 
 if source_run is not None:
-    load_recipe(json.dumps({key: source_run["recipe"][key] for key in ("task", "steps", "recovery")}))
+    load_recipe(json.dumps({key: source_run["recipe"][key] for key in ("task", "steps", "recovery", "gpus")
+                            if key in source_run["recipe"]}))
     if st.session_state.get("load_error"):
         st.warning(f"That run's recipe cannot be loaded as it is: {st.session_state.load_error}")
     else:
@@ -262,6 +264,16 @@ def recovery_panel() -> tuple[dict, object]:
 recovery_settings, recovery_slot = recovery_panel()
 recipe = {"task": task, "steps": [{"method": s["method"], "params": s["params"]} for s in st.session_state.steps],
           "recovery": recovery_settings}
+trains = recovery_settings.get("objective", "none") != "none" or any(
+    s["method"] == "distill.student" for s in st.session_state.steps)
+if trains:  # a GPU only speeds up training (a student, recovery); every other step runs on the CPU
+    wanted = st.toggle("Train on a GPU", value=bool(st.session_state.get("gpus")), key=f"{st.session_state.get('recovery_uid', 'r0')}-gpu",
+                       help="The job holds one GPU while it runs. On a Ray cluster (EXPLORER_EXECUTOR=ray) it is "
+                            "placed on a node that has one; the job fails at once, with the reason, where there is "
+                            "none or PyTorch cannot use it. A share of a GPU (gpus: 0.5) can be set in a pasted recipe.")
+    if wanted:
+        recipe["gpus"] = st.session_state.get("gpus") or 1
+    st.session_state.gpus = recipe.get("gpus", 0)
 error = None
 try:
     recipe = api.check_recipe(db, model_id, recipe)

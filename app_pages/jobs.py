@@ -2,7 +2,7 @@
 import streamlit as st
 
 from services import api
-from ui.format import recipe_summary, status_label
+from ui.format import recipe_summary, status_label, where_it_ran
 from ui.session import get_db, worker_banner
 
 st.title("Jobs")
@@ -45,7 +45,7 @@ def job_list() -> None:
             top.markdown(f"{status_label(job['status'])} · {job_title(job)}")
             top.caption(f"job `{job['id'][:12]}` · created {job['created_at'][:19].replace('T', ' ')} UTC"
                         + (f" · attempt {job['attempts']} of {job['max_attempts']}" if job["attempts"] else "")
-                        + (f" · ran on {job['runner']['executor']} ({job['runner']['node']})" if job.get("runner") else ""))
+                        + (f" · ran on {where_it_ran(job['runner'])}" if job.get("runner") else ""))
             if job["status"] == "running":
                 top.progress(job["progress"], text=job["message"] or "running")
             elif job["status"] == "queued":

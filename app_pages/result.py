@@ -7,7 +7,7 @@ import streamlit as st
 from services import api
 from services.errors import UserError
 from ui.charts import comparison_bars, label_curve_chart, tradeoff_chart
-from ui.format import human_bytes, human_count, ms, per_second, ratio_delta, recipe_summary
+from ui.format import human_bytes, human_count, ms, per_second, ratio_delta, recipe_summary, where_it_ran
 from ui.session import get_db, share_links_panel
 from ui.tables import runs_frame
 
@@ -82,7 +82,7 @@ def label_budget_section(labelled: dict) -> None:
 metrics, baseline = run["metrics"], run["baseline"]
 st.subheader(api.summary_sentence(metrics, baseline))
 st.caption(f"Model `{model['id']}` · task `{run['recipe']['task']}` · created {run['created_at'][:19].replace('T', ' ')} UTC"
-           f" · ran on {run['runner']['executor']} ({run['runner']['node']})")
+           f" · ran on {where_it_ran(run['runner'])}")
 
 ratios = api.ratios(metrics, baseline)
 cols = st.columns(6)

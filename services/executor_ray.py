@@ -177,7 +177,9 @@ def connect(home: Path) -> None:
 
 
 def gpus_asked(job: dict) -> float:
-    return float(((job.get("payload") or {}).get("recipe") or {}).get("gpus") or 0)
+    from services.engine.device import gpus_asked as recipe_gpus
+
+    return recipe_gpus((job.get("payload") or {}).get("recipe"))
 
 
 class RefusedJobHandle:

@@ -153,10 +153,10 @@ def _check_param(method_name: str, index: int, param: Param, value: Any) -> Any:
 
 def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
     """Check a recipe against the registry and the model; return it with defaults filled in."""
-    unknown_keys = set(recipe) - {"task", "steps", "recovery", "name"}
+    unknown_keys = set(recipe) - {"task", "steps", "recovery", "name", "gpus"}
     if unknown_keys:
-        raise UserError(f"Unknown recipe key {sorted(unknown_keys)[0]!r}; a recipe has 'task', 'steps' "
-                        f"and 'recovery'.", field="recipe")
+        raise UserError(f"Unknown recipe key {sorted(unknown_keys)[0]!r}; a recipe has 'task', 'steps', "
+                        f"'recovery', and optionally 'name' and 'gpus'.", field="recipe")
     task = recipe.get("task") or model["task"]
     if task not in tasks:
         raise UserError(f"Model {model['id']} cannot be scored on task {task!r}; choose one of "
@@ -227,11 +227,33 @@ def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
                         f"{', '.join(SUPPORTED_OBJECTIVES)}.", field="recovery.objective")
     out = {"task": task, "steps": clean_steps,
            "recovery": _check_recovery(recovery, objective, clean_steps, model, task)}
+    gpus = _check_gpus(recipe.get("gpus", 0), out)
+    if gpus:
+        out["gpus"] = gpus
     if recipe.get("name") is not None:
         if not isinstance(recipe["name"], str):
             raise UserError("The recipe's 'name' must be text.", field="name")
         out["name"] = recipe["name"][:100]
     return out
+
+
+TRAINING_METHODS = ("distill.student",)
+
+
+def _check_gpus(gpus, recipe: dict) -> float:
+    """`gpus`: how many GPUs the job's training holds (the Ray task's num_gpus); a share below 1 lets
+    jobs share one GPU. Only training uses a GPU, so a recipe that trains nothing may not ask for one."""
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not 0 <= gpus <= 8:
+        raise UserError(f"'gpus' must be a number from 0 to 8 (a share below 1 lets jobs share a GPU); got {gpus!r}.",
+                        field="gpus")
+    if gpus > 1 and gpus != int(gpus):
+        raise UserError(f"'gpus' above 1 must be a whole number (Ray gives whole GPUs beyond one); got {gpus:g}.",
+                        field="gpus")
+    trains = recipe["recovery"]["objective"] != "none" or any(s["method"] in TRAINING_METHODS for s in recipe["steps"])
+    if gpus and not trains:
+        raise UserError("The recipe asks for a GPU (gpus), but nothing in it trains: a GPU only speeds up "
+                        "distill.student and recovery training. Remove 'gpus', or add a training step.", field="gpus")
+    return float(gpus) if gpus != int(gpus) else int(gpus)
 
 
 def _check_trained_grid(steps: list[dict]) -> None:

@@ -176,3 +176,13 @@ def test_a_queue_of_12_jobs_survives_ray_task_processes_killed_three_times(ray_w
             assert runs == []
         retried += job["attempts"] > 1
     assert retried >= 1  # the killed tasks were run again
+
+
+def test_a_recipe_asking_for_a_gpu_fails_at_once_on_a_cluster_without_one(ray_worker, prepared_db):
+    """No node of this Ray has a GPU: the job ends with the reason instead of a task pending for ever."""
+    recipe = {"steps": [{"method": "distill.student", "params": {"width": 0.5, "steps": 50}}], "gpus": 1}
+    submitted = api.submit_compress(prepared_db, "digits-cnn", recipe)
+    job = wait_until(lambda: (j := q.get_job(prepared_db, submitted["job_id"]))["status"] in q.FINISHED and j,
+                     timeout=60, what="the job to end")
+    assert job["status"] == "failed" and job["attempts"] == 1
+    assert "asks for 1 GPU(s) (gpus), and the Ray cluster has 0" in job["error"]

@@ -81,3 +81,24 @@ def test_a_job_whose_node_dies_is_retried_on_another_node_and_ends_once(cluster,
     survivor = next(node.node_id for node in cluster.worker_nodes)
     assert run["runner"]["executor"] == "ray" and run["runner"]["node_id"] == survivor != first["node_id"]
     assert run["metrics"]["score"] > 0.9
+
+
+def test_a_recipe_asking_for_a_gpu_runs_on_the_node_that_has_one(cluster, cluster_worker, prepared_db):
+    """A node joins with a GPU (a logical one: Ray schedules by declared resources; this machine has no CUDA
+    device). The job's task is placed there holding GPU 0, and since PyTorch sees no CUDA device on that
+    node the job fails with the reason rather than training on the CPU while holding a GPU."""
+    gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
+    submitted = api.submit_compress(prepared_db, "digits-cnn", {
+        "steps": [{"method": "distill.student", "params": {"width": 0.5, "steps": 50}}], "gpus": 1})
+    seen = {}
+
+    def started():
+        found = cluster_worker.in_flight.get(submitted["job_id"])
+        if found and found[1].started:
+            seen.update(found[1].started)
+        return q.get_job(prepared_db, submitted["job_id"])["status"] in q.FINISHED
+    wait_until(started, timeout=120, interval=0.02, what="the GPU job to end")
+    job = q.get_job(prepared_db, submitted["job_id"])
+    assert seen["node_id"] == gpu_node.node_id and seen["gpu_ids"] == ["0"]
+    assert job["status"] == "failed" and job["attempts"] == 1
+    assert "asks for a GPU (gpus), but PyTorch sees none" in job["error"]

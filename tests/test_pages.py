@@ -199,6 +199,18 @@ def test_compress_recovery_offers_what_the_data_allows_and_goes_into_the_job(ui_
     assert next(b for b in at.button if b.label == "Submit job").disabled
 
 
+def test_compress_offers_a_gpu_only_to_a_recipe_that_trains_and_it_goes_into_the_job(ui_db):
+    at = open_page("app_pages/compress.py")
+    _add_step(at, "prune.magnitude")
+    assert not [t for t in at.toggle if t.label == "Train on a GPU"]  # nothing trains: no GPU offered
+    at.radio(key="r0-objective").set_value("distill").run()
+    at.toggle(key="r0-gpu").set_value(True).run()
+    assert not at.exception and not at.error
+    assert json.loads(at.code[0].value)["gpus"] == 1
+    next(b for b in at.button if b.label == "Submit job").click().run()
+    assert api.list_jobs(ui_db)[0]["payload"]["recipe"]["gpus"] == 1
+
+
 def test_compress_offers_helpers_and_a_label_budget_and_both_go_into_the_job(ui_db):
     at = open_page("app_pages/compress.py")
     _add_step(at, "prune.magnitude")
@@ -641,3 +653,12 @@ def test_search_page_starts_a_search_and_its_link_shows_the_trials_and_the_answe
     page = open_page("app_pages/search.py", id=portfolio["id"])
     assert page.title[0].value.endswith("how small can it get?")
     assert list(page.dataframe[0].value["candidate"])[:2] == ["int8 weights", "structured pruning"]
+
+
+def test_where_a_run_ran_names_the_executor_machine_ray_node_and_gpus():
+    from ui.format import where_it_ran
+
+    assert where_it_ran({"executor": "local", "node": "vm"}) == "local (vm)"
+    assert where_it_ran({"executor": "ray", "node": "gpu-box", "node_id": "3af119a4d163838f", "gpu_ids": ["0"]}) \
+        == "ray (gpu-box, node 3af119a4, GPU 0)"
+    assert where_it_ran(None) == ""

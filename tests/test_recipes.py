@@ -183,11 +183,23 @@ def _prune(**params):
     ({"steps": [{"method": "quantize.dynamic"}], "recovery": {"objective": "dream"}}, "recovery.objective",
      "Unknown recovery objective"),
     ({"steps": [{"method": "quantize.dynamic"}], "recovery": "distill"}, "recovery", "must be an object"),
+    ({"steps": [{"method": "quantize.dynamic"}], "gpus": 1}, "gpus", "nothing in it trains"),
+    ({"steps": [{"method": "distill.student"}], "gpus": 1.5}, "gpus", "must be a whole number"),
+    ({"steps": [{"method": "distill.student"}], "gpus": "yes"}, "gpus", "a number from 0 to 8"),
+    ({"steps": [{"method": "distill.student"}], "gpus": True}, "gpus", "a number from 0 to 8"),
+    ({"steps": [{"method": "distill.student"}], "gpus": 9}, "gpus", "a number from 0 to 8"),
 ])
 def test_errors_name_the_field_at_fault(recipe, field, words):
     error = _error(recipe)
     assert error.field == field
     assert words in str(error)
+
+
+def test_a_recipe_that_trains_may_ask_for_a_gpu_or_a_share_of_one():
+    assert _validate({"steps": [{"method": "distill.student"}], "gpus": 1})["gpus"] == 1
+    shared = {"steps": [{"method": "prune.magnitude"}], "recovery": {"objective": "distill"}, "gpus": 0.5}
+    assert _validate(shared)["gpus"] == 0.5
+    assert "gpus" not in _validate({"steps": [{"method": "distill.student"}], "gpus": 0})
 
 
 def test_a_torch_method_on_an_onnx_model_is_refused():

@@ -261,3 +261,22 @@ def test_worker_once_drains_the_queue_and_exits(prepared_db, prepared_home):
     assert everything["size_bytes"] < conv_only["size_bytes"]  # the dense layers hold most weights
     assert q.live_workers(prepared_db) == []
     assert prepared_db.execute("SELECT count(*) FROM workers").fetchone()[0] == 0
+
+
+def test_a_recipe_asking_for_a_gpu_fails_with_the_reason_where_torch_sees_none(prepared_db, prepared_home):
+    """The local executor runs the job on this machine: with no CUDA device it ends at once with a sentence
+    that says what to do (never a silent fallback to slow CPU training while a GPU was asked for)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the recipe would train on it")
+    recipe = {"steps": [{"method": "distill.student", "params": {"width": 0.5, "steps": 50}}], "gpus": 1}
+    submitted = api.submit_compress(prepared_db, "digits-cnn", recipe)
+    env = {**os.environ, "EXPLORER_HOME": str(prepared_home)}
+    done = subprocess.run([sys.executable, "-m", "services", "worker", "--once"], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    job = _job(prepared_db, submitted["job_id"])
+    assert job["status"] == "failed" and job["attempts"] == 1
+    assert "asks for a GPU (gpus), but PyTorch sees none" in job["error"] and "EXPLORER_EXECUTOR=ray" in job["error"]
+    assert _runs_of(prepared_db, submitted["job_id"]) == []

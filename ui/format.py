@@ -83,3 +83,15 @@ def ratio_delta(value: float | None, better: str, worse: str) -> dict:
 
 def per_second(value: float) -> str:
     return f"{value / 1e6:.2f} M/s" if value >= 1e6 else (f"{value / 1e3:.1f} k/s" if value >= 1e4 else f"{value:,.0f}/s")
+
+
+def where_it_ran(runner: dict | None) -> str:
+    """'ray (host, node 3af119a4, GPU 0)': the executor, the machine, and on Ray the node and GPUs."""
+    if not runner:
+        return ""
+    details = [runner.get("node") or "?"]
+    if runner.get("node_id"):
+        details.append(f"node {runner['node_id'][:8]}")
+    if runner.get("gpu_ids"):
+        details.append("GPU " + ", ".join(runner["gpu_ids"]))
+    return f"{runner.get('executor', '?')} ({', '.join(details)})"

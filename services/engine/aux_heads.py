@@ -92,14 +92,14 @@ class ImageHelpers(nn.Module):
         response = features.detach().mean(1).masked_fill(~ink, -math.inf).flatten(1)
         centre = response.argmax(1)
         cy, cx = (centre // width).float(), (centre % width).float()
-        ys = torch.arange(height, dtype=torch.float32)[None, :, None].expand(batch, height, width)
-        xs = torch.arange(width, dtype=torch.float32)[None, None, :].expand(batch, height, width)
+        ys = torch.arange(height, dtype=torch.float32, device=features.device)[None, :, None].expand(batch, height, width)
+        xs = torch.arange(width, dtype=torch.float32, device=features.device)[None, None, :].expand(batch, height, width)
         dy, dx = ys - cy[:, None, None], xs - cx[:, None, None]
         distance = torch.sqrt(dy ** 2 + dx ** 2)
         angle = torch.atan2(dy, dx)
         target = torch.stack([distance / math.hypot(height - 1, width - 1), torch.cos(angle), torch.sin(angle)], -1)
         embedded = self.embed(features).permute(0, 2, 3, 1)  # (B, H, W, 64)
-        centre_vector = embedded.flatten(1, 2)[torch.arange(batch), centre]  # (B, 64)
+        centre_vector = embedded.flatten(1, 2)[torch.arange(batch, device=centre.device), centre]  # (B, 64)
         pairs = torch.cat([embedded, centre_vector[:, None, None, :].expand_as(embedded)], -1)
         predicted = self.position(pairs)
         counted = ink & (distance > 0)  # inked regions other than the centre
@@ -136,10 +136,12 @@ class FrameOrderHelper(nn.Module):
                 block_of[row, position:position + len(piece)] = slot
                 position += len(piece)
             origin[row] = order
+        # built on the CPU (a seeded CPU generator), then moved to the batch's device (a GPU job)
+        index, block_of, origin = index.to(features.device), block_of.to(features.device), origin.to(features.device)
         shuffled = torch.gather(features, 1, index[..., None].expand_as(features))
         hidden, mask = student.encode(shuffled, lengths)  # (B, T', D); T' < T when the model pools time
         stride = frames / hidden.shape[1]
-        slots = block_of[:, (torch.arange(hidden.shape[1]) * stride).long().clamp(max=frames - 1)]
+        slots = block_of[:, (torch.arange(hidden.shape[1], device=hidden.device) * stride).long().clamp(max=frames - 1)]
         weights = F.one_hot(slots.clamp(min=0), ORDER_BLOCKS).float() * (slots >= 0)[..., None] * mask[..., None]
         blocks = weights.transpose(1, 2) @ hidden / weights.sum(1)[..., None].clamp(min=1.0)  # (B, 4, D)
         return F.cross_entropy(self.head(blocks).flatten(0, 1), origin.flatten())

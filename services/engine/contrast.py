@@ -31,7 +31,7 @@ def info_nce(anchor: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor | No
     negatives; with labels, keys of the same class are positives too (supervised contrast, as CAP's
     fine-tuned term), averaged over the positives."""
     logits = F.normalize(anchor, dim=-1) @ F.normalize(keys, dim=-1).T / temperature
-    positives = torch.eye(len(anchor), dtype=torch.bool)
+    positives = torch.eye(len(anchor), dtype=torch.bool, device=anchor.device)
     if labels is not None:
         positives = positives | (labels[:, None] == labels[None, :])
     log_probability = logits.log_softmax(dim=1)
@@ -63,6 +63,7 @@ class ContrastiveTerm(nn.Module):
         anchor = self.head(pooled(state["student_hidden"][self.pair[0]], batch.mask))
         keys = [pooled(state["teacher_hidden"][self.pair[1]], batch.mask)]
         for snapshot in self.snapshots:
+            snapshot.to(anchor.device)  # kept out of the module tree, so not moved with it (a GPU job)
             with torch.no_grad(), distill.recording(snapshot, [self.pair[0]]) as hidden:
                 snapshot(*batch.inputs)
             keys.append(self.head(pooled(hidden[self.pair[0]], batch.mask)).detach())
@@ -109,6 +110,8 @@ class MomentumTerm(nn.Module):
 
         student, key_encoder, key_head = self.frozen
         batch = state["batch"]
+        device = batch.inputs[0].device
+        key_encoder.to(device), key_head.to(device)  # out of the module tree: moved here for a GPU job
         queries = self.head(self.represent(student, self.mask_inputs(batch), batch.mask))
         with torch.no_grad():
             keys = key_head(self.represent(key_encoder, batch.for_student(), batch.mask))

@@ -44,6 +44,12 @@ class Batch:
     def for_student(self) -> tuple:
         return self.inputs if self.student_inputs is None else self.student_inputs
 
+    def to(self, device) -> "Batch":
+        from services.engine.device import to_device
+
+        return Batch(to_device(self.inputs, device), to_device(self.labels, device), to_device(self.mask, device),
+                     to_device(self.student_inputs, device), to_device(self.student_mask, device))
+
 
 @dataclass
 class Outcome:
@@ -249,6 +255,34 @@ def train(student: nn.Module, teacher: nn.Module, batches: Iterator[Batch],
     recorded hidden states), with `extra_modules` (training-only heads) trained alongside; an
     `output_loss` of None leaves the output term out.
     """
+    from services.engine.device import training_device
+
+    device = training_device()
+    if device.type == "cpu":
+        return _train(student, teacher, batches, output_loss, steps=steps, lr=lr, progress=progress,
+                      hidden_pairs=hidden_pairs, hidden_weight=hidden_weight, shared_projections=shared_projections,
+                      seed=seed, weight_decay=weight_decay, after_step=after_step, describe=describe,
+                      parameters=parameters, before_step=before_step, student_inputs=student_inputs,
+                      extra_loss=extra_loss, extra_modules=extra_modules, device=device)
+    # a job that holds a GPU (recipe `gpus`): everything that trains or is compared on it, then back
+    moved = [student, teacher, *extra_modules]
+    for module in moved:
+        module.to(device)
+    try:
+        return _train(student, teacher, (batch.to(device) for batch in batches), output_loss, steps=steps, lr=lr,
+                      progress=progress, hidden_pairs=hidden_pairs, hidden_weight=hidden_weight,
+                      shared_projections=shared_projections, seed=seed, weight_decay=weight_decay,
+                      after_step=after_step, describe=f"{describe} on {device}", parameters=parameters,
+                      before_step=before_step, student_inputs=student_inputs, extra_loss=extra_loss,
+                      extra_modules=extra_modules, device=device)
+    finally:
+        for module in moved:
+            module.to("cpu")
+
+
+def _train(student, teacher, batches, output_loss, *, steps, lr, progress, hidden_pairs, hidden_weight,
+           shared_projections, seed, weight_decay, after_step, describe, parameters, before_step, student_inputs,
+           extra_loss, extra_modules, device) -> Outcome:
     torch.manual_seed(seed)
     np.random.seed(seed)
     teacher.eval()  # its targets are computed under no_grad: nothing of it is trained or changed
@@ -263,7 +297,7 @@ def train(student: nn.Module, teacher: nn.Module, batches: Iterator[Batch],
         with torch.no_grad(), recording(student, student_names) as student_hidden:
             student(*first.for_student())
         projections = Projections([(s, student_hidden[s].shape, teacher_hidden[t].shape) for s, t in hidden_pairs],
-                                  shared=shared_projections)
+                                  shared=shared_projections).to(device)
     trainable = list(parameters) if parameters is not None else [p for p in student.parameters() if p.requires_grad]
     if projections is not None:
         trainable += list(projections.parameters())
@@ -287,7 +321,7 @@ def train(student: nn.Module, teacher: nn.Module, batches: Iterator[Batch],
         teacher_out, teacher_hidden = teacher_targets(teacher, batch, teacher_names)
         with recording(student, student_names) as student_hidden:
             student_out = student(*(student_inputs(batch) if student_inputs is not None else batch.for_student()))
-        loss = torch.zeros(()) if output_loss is None else output_loss(student_out, teacher_out, batch)
+        loss = torch.zeros((), device=device) if output_loss is None else output_loss(student_out, teacher_out, batch)
         if hidden_pairs and hidden_weight > 0:
             matched = [hidden_state_loss(*matched_states(projections(s, student_hidden[s]), teacher_hidden[t], batch))
                        for s, t in hidden_pairs]

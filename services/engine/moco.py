@@ -55,11 +55,11 @@ class KeyQueue:
         keys = F.normalize(keys.detach(), dim=-1)[-len(self.keys):]
         end = self.position + len(keys)
         if end <= len(self.keys):
-            self.keys[self.position:end] = keys
+            self.keys[self.position:end] = keys.to(self.keys.device)
         else:  # wrap around
             first = len(self.keys) - self.position
-            self.keys[self.position:] = keys[:first]
-            self.keys[:end - len(self.keys)] = keys[first:]
+            self.keys[self.position:] = keys[:first].to(self.keys.device)
+            self.keys[:end - len(self.keys)] = keys[first:].to(self.keys.device)
         self.position = end % len(self.keys)
         self.filled = min(len(self.keys), self.filled + len(keys))
 
@@ -73,9 +73,9 @@ def contrast_loss(queries: torch.Tensor, keys: torch.Tensor, queue: KeyQueue,
     keys = F.normalize(keys.detach(), dim=-1)
     batch_logits = queries @ keys.T  # (B, B): the diagonal holds the positives
     # a copy: the queue is overwritten in place after the step, and backward still needs these keys
-    queue_logits = queries @ queue.negatives().clone().T  # (B, filled)
+    queue_logits = queries @ queue.negatives().to(queries.device, copy=True).T  # (B, filled)
     logits = torch.cat([batch_logits, queue_logits], dim=1) / temperature
-    return F.cross_entropy(logits, torch.arange(len(queries)))
+    return F.cross_entropy(logits, torch.arange(len(queries), device=queries.device))
 
 
 def projection_head(width_in: int, width_out: int = 128) -> nn.Module:

@@ -130,7 +130,7 @@ def zero_masks(net: nn.Module) -> Callable[[], None]:
     def reapply() -> None:
         with torch.no_grad():
             for parameter, mask in masks:
-                parameter.mul_(mask)
+                parameter.mul_(mask.to(parameter.device))  # a no-op move on the CPU; a GPU job trains there
 
     return reapply
 
@@ -189,7 +189,7 @@ def build_kit(architecture: str, student: nn.Module, teacher: nn.Module, context
         def mask_images(batch):  # zero random 2x2 patches (an 8x8 digit has 16)
             images = batch.inputs[0]
             h, w = images.shape[-2] // 2, images.shape[-1] // 2
-            keep = (torch.rand((len(images), 1, h, w), generator=generator) >= MASK_SHARE).to(images.dtype)
+            keep = (torch.rand((len(images), 1, h, w), generator=generator) >= MASK_SHARE).to(images)
             return (images * F.interpolate(keep, scale_factor=2, mode="nearest"),) + tuple(batch.inputs[1:])
 
         return Kit(distill.batches_from_arrays(arrays, batch_size, seed, labels=labels),
@@ -207,8 +207,8 @@ def build_kit(architecture: str, student: nn.Module, teacher: nn.Module, context
             ids, real = inputs[ids_at], inputs[mask_at].bool()
             inner = real.clone()
             inner[:, 0] = False
-            inner[torch.arange(len(ids)), real.sum(1) - 1] = False
-            hide = inner & (torch.rand(ids.shape, generator=generator) < MASK_SHARE)
+            inner[torch.arange(len(ids), device=ids.device), real.sum(1) - 1] = False
+            hide = inner & (torch.rand(ids.shape, generator=generator) < MASK_SHARE).to(ids.device)
             inputs[ids_at] = torch.where(hide, torch.full_like(ids, int(mask_id)), ids)
             return tuple(inputs)
 
@@ -230,7 +230,7 @@ def build_kit(architecture: str, student: nn.Module, teacher: nn.Module, context
         def mask_frames(batch):  # hide a quarter of the frames, in runs of 4 (80 ms each)
             features, lengths = batch.inputs
             runs = (features.shape[1] + 3) // 4
-            keep = (torch.rand((len(features), runs), generator=generator) >= MASK_SHARE).to(features.dtype)
+            keep = (torch.rand((len(features), runs), generator=generator) >= MASK_SHARE).to(features)
             keep = keep.repeat_interleave(4, dim=1)[:, :features.shape[1], None]
             # a hidden frame is the average frame (0 after the model's normalisation), not a loud outlier
             return features * keep + student.feature_mean * (1 - keep), lengths
@@ -305,7 +305,7 @@ def recover(student: nn.Module, teacher: nn.Module, recovery: dict, context, *, 
         outputs = student_out if isinstance(student_out, (tuple, list)) else (student_out,)
         loss = F.cross_entropy(outputs[0], batch.labels)
         if coupling is not None and len(outputs) > 1:
-            coarse = torch.as_tensor(np.asarray(coupling).argmax(1))[batch.labels]
+            coarse = torch.as_tensor(np.asarray(coupling).argmax(1), device=batch.labels.device)[batch.labels]
             loss = loss + F.cross_entropy(outputs[1], coarse)
         return loss
 

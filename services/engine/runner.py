@@ -29,13 +29,18 @@ def run_job(job: dict, model: dict, home, progress) -> dict:
     """Do one job's work and return its result (a run, a model card, a scan). Reads and writes only
     the artifact folder under `home`, never the database: the local child and a Ray task share it."""
     from storage import ArtifactStore
-    from services.engine import pipeline
+    from services.engine import device, pipeline
 
     store = ArtifactStore(home)
     if job["kind"] == "prepare":
         return pipeline.prepare(store, model, progress)
     if job["kind"] == "compress":
         payload = job["payload"]
+        if device.gpus_asked(payload["recipe"]):
+            import socket
+
+            with device.training_on(device.require_gpu(f"on {socket.gethostname()}")):
+                return pipeline.compress(store, model, payload["recipe"], payload["run_id"], progress)
         return pipeline.compress(store, model, payload["recipe"], payload["run_id"], progress)
     if job["kind"] == "sensitivity":
         from services.engine import sensitivity

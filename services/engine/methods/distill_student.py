@@ -345,7 +345,7 @@ def _frame_mask(lengths, rate: float, frames: int):
     import torch
 
     pooled = torch.ceil(lengths.double() / float(rate))
-    return (torch.arange(frames)[None, :] < pooled[:, None]).float()
+    return (torch.arange(frames, device=pooled.device)[None, :] < pooled[:, None]).float()
 
 
 def with_frame_masks(batches):
