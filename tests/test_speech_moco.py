@@ -15,7 +15,7 @@ import torch
 from services import catalog
 from services.engine import moco, zoo
 from services.engine.families.speech import SpeechAdapter, SpeechMocoAdapter
-from services.engine.speech import train
+from services.engine.speech import moco_pretrain, train
 from services.engine.speech.corpus import N_MELS, SpeechCorpus
 from services.engine.speech.model import SpeechEncoder
 
@@ -61,8 +61,8 @@ def test_momentum_contrast_lowers_its_loss_and_never_reads_a_label():
     garbled.targets = [torch.randint(1, 11, (7,)) for _ in garbled.targets]
 
     model, twin = _model(data), _model(data)
-    losses = train.pretrain_momentum_contrast(model, data, steps=60, lr=2e-3, queue_size=256)
-    assert train.pretrain_momentum_contrast(twin, garbled, steps=60, lr=2e-3, queue_size=256) == losses
+    losses = moco_pretrain.pretrain_momentum_contrast(model, data, steps=60, lr=2e-3, queue_size=256)
+    assert moco_pretrain.pretrain_momentum_contrast(twin, garbled, steps=60, lr=2e-3, queue_size=256) == losses
     for a, b in zip(model.state_dict().values(), twin.state_dict().values()):
         assert torch.equal(a, b)
     # The queue is full after a few steps (each batch holds over 100 blocks): compare from there on.
@@ -89,7 +89,7 @@ def test_the_momentum_encoder_moves_by_its_moving_average_only(monkeypatch):
     monkeypatch.setattr(moco, "momentum_copy", recording_copy)
     monkeypatch.setattr(moco, "momentum_update", recording_update)
     model = _model(data)
-    train.pretrain_momentum_contrast(model, data, steps=4, queue_size=256)
+    moco_pretrain.pretrain_momentum_contrast(model, data, steps=4, queue_size=256)
     key_encoder = copies[0]
     assert isinstance(key_encoder, SpeechEncoder) and key_encoder is not model
     assert all(not p.requires_grad and p.grad is None for p in key_encoder.parameters())
@@ -115,7 +115,7 @@ def test_pretrain_share_keeps_a_fixed_part_of_the_training_audio(monkeypatch):
     assert drawn == set(part.indices.tolist())  # batches come from the part only, all of it
 
     seen = {}
-    monkeypatch.setattr(train, "pretrain_momentum_contrast",
+    monkeypatch.setattr(moco_pretrain, "pretrain_momentum_contrast",
                         lambda model, data, *a, **k: seen.setdefault("pretrain", set(data.indices.tolist())))
     monkeypatch.setattr(train, "finetune", lambda model, data, *a, **k: seen.setdefault("finetune", len(data)))
     schedule = train.Schedule(pretrain_steps=2, finetune_steps=2, pretrain_objective="momentum-contrast",
@@ -128,7 +128,7 @@ def test_the_default_schedule_still_pretrains_masked_on_all_the_audio(monkeypatc
     assert train.Schedule().pretrain_objective == "masked" and train.Schedule().pretrain_share == 1.0
     calls = []
     monkeypatch.setattr(train, "pretrain", lambda model, data, *a, **k: calls.append(("masked", len(data))))
-    monkeypatch.setattr(train, "pretrain_momentum_contrast", lambda model, data, *a, **k: calls.append(("moco",)))
+    monkeypatch.setattr(moco_pretrain, "pretrain_momentum_contrast", lambda model, data, *a, **k: calls.append(("moco",)))
     monkeypatch.setattr(train, "finetune", lambda *a, **k: None)
     corpus = _corpus()
     train.train_speech_ssl(corpus, train.Schedule(pretrain_steps=2, finetune_steps=2),
