@@ -267,13 +267,17 @@ recipe = {"task": task, "steps": [{"method": s["method"], "params": s["params"]}
 trains = recovery_settings.get("objective", "none") != "none" or any(
     s["method"] == "distill.student" for s in st.session_state.steps)
 if trains:  # a GPU only speeds up training (a student, recovery); every other step runs on the CPU
-    wanted = st.toggle("Train on a GPU", value=bool(st.session_state.get("gpus")), key=f"{st.session_state.get('recovery_uid', 'r0')}-gpu",
-                       help="The job holds one GPU while it runs. On a Ray cluster (EXPLORER_EXECUTOR=ray) it is "
-                            "placed on a node that has one; the job fails at once, with the reason, where there is "
-                            "none or PyTorch cannot use it. A share of a GPU (gpus: 0.5) can be set in a pasted recipe.")
+    wanted = st.toggle("Train on a GPU", value=bool(st.session_state.get("gpus")),
+                       key=f"{st.session_state.get('recovery_uid', 'r0')}-gpu",
+                       help="Runs the training part of the job (the distilled student, recovery) on one GPU; the job "
+                            "fails at once, with the reason, where no usable GPU is available. On a Ray cluster "
+                            "(EXPLORER_EXECUTOR=ray) the job is placed on a node that has one. A share of a GPU "
+                            "(\"gpus\": 0.5) can be set in a pasted recipe.")
+    st.caption("A GPU speeds up training only (the distilled student, recovery); every other step and the "
+               "measurements run on the CPU.")
     if wanted:
         recipe["gpus"] = st.session_state.get("gpus") or 1
-    st.session_state.gpus = recipe.get("gpus", 0)
+st.session_state.gpus = recipe.get("gpus", 0)  # a recipe that no longer trains forgets the GPU
 error = None
 try:
     recipe = api.check_recipe(db, model_id, recipe)

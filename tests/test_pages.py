@@ -209,6 +209,11 @@ def test_compress_offers_a_gpu_only_to_a_recipe_that_trains_and_it_goes_into_the
     assert json.loads(at.code[0].value)["gpus"] == 1
     next(b for b in at.button if b.label == "Submit job").click().run()
     assert api.list_jobs(ui_db)[0]["payload"]["recipe"]["gpus"] == 1
+    # once nothing trains, the GPU is forgotten: training added back later starts on the CPU again
+    at.radio(key="r0-objective").set_value("none").run()
+    assert "gpus" not in json.loads(at.code[0].value)
+    at.radio(key="r0-objective").set_value("distill").run()
+    assert not at.toggle(key="r0-gpu").value and "gpus" not in json.loads(at.code[0].value)
 
 
 def test_compress_offers_helpers_and_a_label_budget_and_both_go_into_the_job(ui_db):

@@ -384,17 +384,22 @@ METHOD = Method(
               minimum=1e-6, maximum=0.1),
         Param("batch_size", "int", 32, "Samples per training step.", minimum=2, maximum=512, step=8),
         Param("layers", "int", 3, "Transformers: how many encoder layers the student keeps (evenly spaced, the first "
-              "and the last included); must be fewer than the original's.", minimum=1, maximum=48, step=1),
+              "and the last included); must be fewer than the original's.", minimum=1, maximum=48, step=1,
+              architectures=("text-transformer", "speech-transformer")),
         Param("width", "float", 0.5, "CNNs: share of the channels the student keeps in every layer "
-              "(0.5 = half, about a quarter of the parameters).", minimum=0.05, maximum=0.95, step=0.05),
+              "(0.5 = half, about a quarter of the parameters).", minimum=0.05, maximum=0.95, step=0.05,
+              architectures=("cnn",)),
         Param("hidden_weight", "float", 1.0, "Weight of matching the original's hidden states (through learned "
               "projections) beside matching its outputs; 0 matches the outputs only.", minimum=0.0, maximum=100.0),
         Param("temperature", "float", 2.0, "Softening of the class scores the student imitates (CNNs, speaker "
-              "head): above 1 it also learns how the original ranks the wrong answers.", minimum=0.5, maximum=20.0),
+              "head): above 1 it also learns how the original ranks the wrong answers.", minimum=0.5, maximum=20.0,
+              architectures=("cnn", "speech-transformer")),
         Param("label_weight", "float", 0.5, "CNNs: weight of the true labels of the fitting images beside the "
-              "original's answers (0 = imitate the original only).", minimum=0.0, maximum=10.0),
+              "original's answers (0 = imitate the original only).", minimum=0.0, maximum=10.0,
+              architectures=("cnn",)),
         Param("extra_text", "bool", True, "MiniLM: also train on docstring paragraphs of Python's standard library "
-              "(none of them is a scored paragraph); the fitting split alone is 765 paragraphs."),
+              "(none of them is a scored paragraph); the fitting split alone is 765 paragraphs.",
+              architectures=("text-transformer",)),
         Param("train_for", "choice", "float", "What the student's weights are trained for: 'float', or the 4-bit grid "
               "of a later quantize.int4_weights step (its linear layers, and with 'and embeddings' its embedding "
               "tables too), so that storing them in 4 bits loses almost nothing more (quantization-aware training).",
