@@ -137,6 +137,26 @@ def digits_prepared(tmp_path_factory):
     return SimpleNamespace(home=home, store=store, model=model, onnx=store.resolve(model["artifact"]))
 
 
+def ray_worker_in_thread(db):
+    """A worker with the Ray executor serving in a thread of this test process (the Ray driver), registered
+    before it is yielded (else wait_for_job would run a job inline, not on Ray); stopped at the end."""
+    import threading
+
+    from services import api
+    from services.executor_ray import RayExecutor
+    from services.worker import Worker
+    from storage import queue as q
+
+    worker = Worker(db=api.connect(db.home), executor=RayExecutor(db.home))
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    wait_until(lambda: any(w["id"] == worker.id for w in q.live_workers(db)), timeout=60,
+               what="the worker to register")
+    yield worker
+    worker.stopping = True
+    thread.join(60)
+
+
 @pytest.fixture(scope="session")
 def ray_home():
     """A short data folder for the Ray tests' own Ray sessions (Unix sockets allow 107 bytes, and pytest's

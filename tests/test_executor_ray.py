@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from conftest import ray_worker_in_thread, wait_until
 from services import api
 from storage import queue as q
 
@@ -71,19 +70,8 @@ def test_a_data_folder_too_long_for_unix_sockets_falls_back_to_a_short_temporary
 @pytest.fixture
 def ray_worker(local_ray, prepared_db, monkeypatch):
     """A worker serving in a thread with the Ray executor and two jobs in flight; stopped at the end."""
-    from services.executor_ray import RayExecutor
-    from services.worker import Worker
-
     monkeypatch.setenv("EXPLORER_JOBS_IN_FLIGHT", "2")
-    worker = Worker(db=api.connect(prepared_db.home), executor=RayExecutor(prepared_db.home))
-    thread = threading.Thread(target=worker.serve, daemon=True)
-    thread.start()
-    # registered before any test waits on a job (else wait_for_job would run it inline, not on Ray)
-    wait_until(lambda: any(w["id"] == worker.id for w in q.live_workers(prepared_db)), timeout=60,
-               what="the worker to register")
-    yield worker
-    worker.stopping = True
-    thread.join(60)
+    yield from ray_worker_in_thread(prepared_db)
 
 
 def _running_task(worker, job_id: str, timeout: float = 120):

@@ -7,11 +7,9 @@ and the queue would be set up; jobs run on the worker nodes only.
 """
 from __future__ import annotations
 
-import threading
-
 import pytest
 
-from conftest import wait_until
+from conftest import ray_worker_in_thread, wait_until
 from services import api
 from storage import queue as q
 
@@ -41,19 +39,9 @@ def cluster(ray_home):
 @pytest.fixture
 def cluster_worker(cluster, prepared_db, monkeypatch):
     """A worker joining the cluster through RAY_ADDRESS (services.executor_ray.connect), one job in flight."""
-    from services.executor_ray import RayExecutor
-    from services.worker import Worker
-
     monkeypatch.setenv("RAY_ADDRESS", cluster.address)
     monkeypatch.setenv("EXPLORER_JOBS_IN_FLIGHT", "1")
-    worker = Worker(db=api.connect(prepared_db.home), executor=RayExecutor(prepared_db.home))
-    thread = threading.Thread(target=worker.serve, daemon=True)
-    thread.start()
-    wait_until(lambda: any(w["id"] == worker.id for w in q.live_workers(prepared_db)), timeout=60,
-               what="the worker to register")
-    yield worker
-    worker.stopping = True
-    thread.join(60)
+    yield from ray_worker_in_thread(prepared_db)
 
 
 def test_a_job_whose_node_dies_is_retried_on_another_node_and_ends_once(cluster, cluster_worker, prepared_db):
