@@ -40,6 +40,22 @@ def training_on(device: str):
         _current = previous
 
 
+@contextmanager
+def moved_to(device, modules: list):
+    """The modules on `device` for the duration (everything that trains or is compared there), then back on
+    the CPU, where export and measurement happen; nothing moves for the CPU."""
+    if device.type == "cpu":
+        yield
+        return
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.to("cpu")
+
+
 def training_device():
     import torch
 

@@ -255,29 +255,17 @@ def train(student: nn.Module, teacher: nn.Module, batches: Iterator[Batch],
     recorded hidden states), with `extra_modules` (training-only heads) trained alongside; an
     `output_loss` of None leaves the output term out.
     """
-    from services.engine.device import training_device
+    from services.engine.device import moved_to, training_device
 
     device = training_device()
-    if device.type == "cpu":
+    if device.type != "cpu":  # a job that holds a GPU (recipe `gpus`): batches go there too
+        batches, describe = (batch.to(device) for batch in batches), f"{describe} on {device}"
+    with moved_to(device, [student, teacher, *extra_modules]):
         return _train(student, teacher, batches, output_loss, steps=steps, lr=lr, progress=progress,
                       hidden_pairs=hidden_pairs, hidden_weight=hidden_weight, shared_projections=shared_projections,
                       seed=seed, weight_decay=weight_decay, after_step=after_step, describe=describe,
                       parameters=parameters, before_step=before_step, student_inputs=student_inputs,
                       extra_loss=extra_loss, extra_modules=extra_modules, device=device)
-    # a job that holds a GPU (recipe `gpus`): everything that trains or is compared on it, then back
-    moved = [student, teacher, *extra_modules]
-    for module in moved:
-        module.to(device)
-    try:
-        return _train(student, teacher, (batch.to(device) for batch in batches), output_loss, steps=steps, lr=lr,
-                      progress=progress, hidden_pairs=hidden_pairs, hidden_weight=hidden_weight,
-                      shared_projections=shared_projections, seed=seed, weight_decay=weight_decay,
-                      after_step=after_step, describe=f"{describe} on {device}", parameters=parameters,
-                      before_step=before_step, student_inputs=student_inputs, extra_loss=extra_loss,
-                      extra_modules=extra_modules, device=device)
-    finally:
-        for module in moved:
-            module.to("cpu")
 
 
 def _train(student, teacher, batches, output_loss, *, steps, lr, progress, hidden_pairs, hidden_weight,
