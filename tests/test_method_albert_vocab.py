@@ -77,7 +77,8 @@ def test_share_embedding_shrinks_the_table_and_a_mild_setting_stays_close(prepar
     store, model, _ = prepared
     context = _context(prepared, tmp_path)
     REGISTRY["share.embedding"].apply(net, _params("share.embedding", E=256), context)
-    table, projection = net.bert.embeddings.word_embeddings
+    factorized = net.bert.embeddings.word_embeddings
+    table, projection = factorized.table, factorized.projection
     assert tuple(table.weight.shape) == (30522, 256) and tuple(projection.weight.shape) == (384, 256)
     path = export_onnx(net, zoo.get_adapter("minilm-l6"), tmp_path / "factorized.onnx")
     baseline = store.resolve(model["artifact"])
@@ -103,6 +104,54 @@ def test_weighting_by_token_use_keeps_common_words_better_than_plain_svd(prepare
                                               _context(prepared, tmp_path))
             means[weighted] = _cosine(net(*inputs).numpy(), reference).mean()
     assert means[True] > means[False] + 0.1, means
+
+
+def test_exact_tokens_keep_the_most_used_tokens_vectors_and_lift_the_worst_paragraph(prepared, net, tmp_path):
+    store, model, original = prepared
+    context = _context(prepared, tmp_path)
+    REGISTRY["share.embedding"].apply(net, _params("share.embedding", E=64, exact_tokens=300), context)
+    factorized = net.bert.embeddings.word_embeddings
+    counts = np.bincount(np.concatenate([ids[mask.astype(bool)] for ids, mask in zip(
+        *(lambda f: (f["input_ids"], f["attention_mask"]))(minilm.encode(pydoc_retrieval.fit_paragraphs())))]),
+        minlength=30522)
+    most_used = torch.from_numpy(np.argsort(-counts, kind="stable")[:300])
+    rare = torch.from_numpy(np.flatnonzero(counts == 0)[:300])
+    table = original.bert.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        assert torch.allclose(factorized(most_used), table[most_used], atol=1e-5)  # exactly the original vectors
+        assert not torch.allclose(factorized(rare), table[rare], atol=1e-2)  # the others approximated
+    path = export_onnx(net, zoo.get_adapter("minilm-l6"), tmp_path / "exact.onnx")
+    # 300 full-width rows (and an all-zero row 0) on top of the factorized table; the id → row map is int16
+    assert _onnx_params(path) == 30522 * 64 + 64 * 384 + 301 * 384 + LAYER_PARAMS * 6 + (
+        _onnx_params(store.resolve(model["artifact"])) - 30522 * 384 - LAYER_PARAMS * 6)
+    texts = _scored_texts(96)
+    baseline = _onnx_outputs(store.resolve(model["artifact"]), texts)
+    plain = copy.deepcopy(original)
+    REGISTRY["share.embedding"].apply(plain, _params("share.embedding", E=64), _context(prepared, tmp_path))
+    with_exact = _cosine(_onnx_outputs(path, texts), baseline)
+    without = _cosine(_onnx_outputs(export_onnx(plain, zoo.get_adapter("minilm-l6"), tmp_path / "plain.onnx"), texts),
+                      baseline)
+    assert with_exact.min() > without.min() + 0.02 and with_exact.mean() > without.mean(), (with_exact, without)
+    assert "300 tokens the fitting texts use most" in context.notes[0]
+
+
+def test_vocab_trim_after_exact_tokens_keeps_their_vectors(prepared, net, tmp_path):
+    context = _context(prepared, tmp_path)
+    REGISTRY["share.embedding"].apply(net, _params("share.embedding", E=64, exact_tokens=200), context)
+    texts = _scored_texts(16)
+    feed = minilm.encode(texts)
+    inputs = [torch.from_numpy(feed[name]) for name in ("input_ids", "attention_mask", "token_type_ids")]
+    with torch.no_grad():
+        before = net(*inputs)
+    REGISTRY["vocab.trim"].apply(net, _params("vocab.trim", unseen="pieces"), context)
+    trimmed_feed = minilm.encode(texts, context.tokenizer_file)
+    with torch.no_grad():
+        after = net(*[torch.from_numpy(trimmed_feed[name]) for name in ("input_ids", "attention_mask", "token_type_ids")])
+    kept = net.bert.embeddings.word_embeddings
+    assert kept.table.num_embeddings == kept.slots.numel() < 30522
+    spelled = [[e.tokens for e in minilm.tokenizer(f).encode_batch(texts)] for f in (None, str(context.tokenizer_file))]
+    same = np.array([a == b for a, b in zip(*spelled)])  # paragraphs whose every token was kept
+    assert same.any() and torch.allclose(before[torch.from_numpy(same)], after[torch.from_numpy(same)], atol=1e-5)
 
 
 def test_share_embedding_refuses_bad_widths_and_models_without_a_word_table(prepared, net, tmp_path):

@@ -143,13 +143,15 @@ def apply(net, params: dict, context) -> None:
 
     # The embedding keeps only the rows of kept tokens, in the new order.
     pad_token = next((t for t, i in vocab.items() if i == table.padding_idx), None)
-    trimmed = torch.nn.Embedding(len(kept), table.embedding_dim, padding_idx=new_id.get(pad_token))
-    with torch.no_grad():
-        trimmed.weight.copy_(table.weight[torch.tensor([vocab[token] for token in kept])])
+    old_ids = [vocab[token] for token in kept]
     if embedding is table:
+        trimmed = torch.nn.Embedding(len(kept), table.embedding_dim)
+        with torch.no_grad():
+            trimmed.weight.copy_(table.weight[torch.tensor(old_ids)])
         owner.set_input_embeddings(trimmed)
-    else:  # factorized by share.embedding: trim its narrow table
-        embedding[0] = trimmed
+    else:  # factorized by share.embedding: trim its narrow table (and its map of exact tokens)
+        trimmed = embedding.keep_tokens(old_ids)
+    trimmed.padding_idx = new_id.get(pad_token)
     if hasattr(getattr(owner, "config", None), "vocab_size"):
         owner.config.vocab_size = len(kept)
 
