@@ -202,6 +202,48 @@ def test_after_vocab_trim_the_student_reads_its_own_ids_and_learns_from_the_full
     assert "mixed-vocabulary distillation" in context.notes[-1]
 
 
+def test_replace_words_adds_a_copy_of_each_text_with_everyday_words_in_place_of_some_tokens(tmp_path):
+    import json
+
+    from services.engine.families import minilm as family
+    from services.engine.methods.vocab_trim import frequent_words
+
+    texts = pydoc_retrieval.fit_paragraphs()[:200]
+    feed = family.encode(texts)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    arrays, words = distill_student._with_replaced_words(
+        [feed[n] for n in names], names, {"replace_words": 0.3, "seed": 0}, _context(tmp_path, MINILM, "text-transformer"))
+    assert words == distill_student.EVERYDAY_WORDS
+    assert [len(a) for a in arrays] == [400, 400, 400]
+    original, copy_ids = arrays[0][:200], arrays[0][200:]
+    np.testing.assert_array_equal(arrays[1][200:], feed["attention_mask"])  # same lengths, same padding
+    changed = original != copy_ids
+    special = np.isin(original, [0, 101, 102])  # [PAD], [CLS], [SEP] stay
+    assert not changed[special].any()
+    share = changed.sum() / (~special).sum()
+    assert 0.25 < share < 0.32, share  # 30 %, less the draws that picked the same word
+    tokenizer = family.tokenizer()
+    drawn = {tokenizer.id_to_token(int(i)) for i in copy_ids[changed]}
+    frequent = set(frequent_words(json.loads((family.package_dir() / "tokenizer.json").read_text()), 10_000))
+    assert drawn <= frequent and len(drawn) > 1000  # spread over the vocabulary's frequent words
+
+
+def test_a_minilm_student_trained_on_replaced_words_says_so_and_is_refused_after_vocab_trim(minilm, tmp_path):
+    student = copy.deepcopy(minilm.teacher)
+    context = _context(tmp_path, MINILM, "text-transformer")
+    METHOD.apply(student, _params(MINILM, layers=3, steps=6, batch_size=8, extra_text=False, replace_words=0.3),
+                 context)
+    assert "765 fitting paragraphs, and a copy of each with 30% of its tokens replaced by random ones among the " \
+           "vocabulary's 10,000 most frequent words and word pieces" in context.notes[0]
+
+    trimmed = copy.deepcopy(minilm.teacher)
+    trim = validate_recipe({"steps": [{"method": "vocab.trim", "params": {}}]}, MINILM,
+                           ["pydoc-retrieval"])["steps"][0]["params"]
+    REGISTRY["vocab.trim"].apply(trimmed, trim, context)
+    with pytest.raises(UserError, match="replace_words swaps token ids"):
+        METHOD.apply(trimmed, _params(MINILM, layers=3, steps=6, replace_words=0.3), context)
+
+
 def test_a_student_trained_for_4_bit_weights_loses_nothing_more_when_stored_in_4_bits(digits, tmp_path):
     from services.engine.int4_training import fake_quantize
 

@@ -17,7 +17,7 @@ from services.engine.registry import Method, Param
 UNSEEN = ("nearest", "pieces", "unknown")
 
 
-def _tokenizer_json(context):
+def tokenizer_json(context):
     """Where the model's own tokenizer.json is: the MiniLM package, or an uploaded model's folder."""
     from pathlib import Path
 
@@ -65,13 +65,20 @@ def kept_tokens(spec: dict, texts: list[str], min_count: int, keep_pieces: bool,
         # spelled out in pieces, instead of becoming [UNK] as a whole.
         keep |= {t for t in vocab if len(t) == 1 or (t.startswith(prefix) and len(t) == len(prefix) + 1)}
     if keep_frequent:
-        # BERT's WordPiece vocabulary lists its words roughly from the most to the least frequent in
-        # its pre-training text (after the specials, unused slots and single characters): its first
-        # words are the everyday ones that a few thousand counted paragraphs may still miss.
-        words = [t for t in sorted(vocab, key=vocab.__getitem__)
-                 if not (t.startswith("[") and t.endswith("]")) and len(t.removeprefix(prefix)) > 1]
-        keep |= set(words[:keep_frequent])
+        keep |= set(frequent_words(spec, keep_frequent))
     return sorted(keep, key=vocab.__getitem__), len(used)
+
+
+def frequent_words(spec: dict, count: int) -> list[str]:
+    """The vocabulary's `count` most frequent words. BERT's WordPiece vocabulary lists its words roughly
+    from the most to the least frequent in its pre-training text (after the specials, unused slots and
+    single characters): its first words are the everyday ones that a few thousand counted paragraphs
+    may still miss."""
+    vocab = spec["model"]["vocab"]
+    prefix = spec["model"].get("continuing_subword_prefix", "##")
+    words = [t for t in sorted(vocab, key=vocab.__getitem__)
+             if not (t.startswith("[") and t.endswith("]")) and len(t.removeprefix(prefix)) > 1]
+    return words[:count]
 
 
 def nearest_kept(spec: dict, kept: list[str], weight) -> dict[str, int]:
@@ -105,7 +112,7 @@ def apply(net, params: dict, context) -> None:
 
     from services.engine.methods.share_embedding import token_table, word_embedding
 
-    path = _tokenizer_json(context)
+    path = tokenizer_json(context)
     if path is None or not path.is_file():
         raise context.user_error("vocab.trim rebuilds the model's tokenizer.json, and this model has none; upload the "
                                  "model folder with its tokenizer.json (a fast tokenizer) to trim its vocabulary.")
