@@ -211,6 +211,7 @@ def validate_recipe(recipe: dict, model: dict, tasks: list[str]) -> dict:
             raise UserError(f"Step {index + 1} ({name}): {problem}", field=f"steps.{index}.method")
         clean_steps.append({"method": name, "params": clean})
     _check_trained_grid(clean_steps)
+    _check_replaced_words(clean_steps)
     recovery = recipe.get("recovery") or {"objective": "none"}
     if not isinstance(recovery, dict):
         raise UserError("'recovery' must be an object such as {\"objective\": \"none\"}.", field="recovery")
@@ -277,6 +278,19 @@ def _check_trained_grid(steps: list[dict]) -> None:
             raise UserError(f"Step {index + 1} (distill.student) trains for asymmetric 4-bit blocks (with a zero "
                             f"point), as quantize.int4_weights stores them by default; turn its 'symmetric' off.",
                             field=f"steps.{index}.train_for")
+
+
+def _check_replaced_words(steps: list[dict]) -> None:
+    """distill.student's replace_words swaps ids that teacher and student read alike; after vocab.trim the
+    student reads another vocabulary (mixed-vocabulary distillation), so the two cannot go together."""
+    trimmed_at = next((i for i, s in enumerate(steps) if s["method"] == "vocab.trim"), None)
+    for index, step in enumerate(steps):
+        if step["method"] == "distill.student" and step["params"].get("replace_words") and \
+                trimmed_at is not None and trimmed_at < index:
+            raise UserError(f"Step {index + 1} (distill.student) replaces words in its training texts, which needs the "
+                            f"student and the original to read one vocabulary, but step {trimmed_at + 1} (vocab.trim) "
+                            f"comes first; set replace_words to 0 or put vocab.trim after distill.student.",
+                            field=f"steps.{index}.replace_words")
 
 
 def _check_recovery(recovery: dict, objective: str, steps: list[dict], model: dict, task: str) -> dict:

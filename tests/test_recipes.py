@@ -365,3 +365,12 @@ def test_a_student_trained_for_4_bits_needs_the_matching_4_bit_step():
     assert "'symmetric' off" in str(error)
     _validate({"steps": [student, {"method": "quantize.int4_weights", "params": {"block_size": 64}}]}, minilm,
               ["pydoc-retrieval"])
+
+
+def test_replacing_words_after_a_trimmed_vocabulary_is_refused_at_submit():
+    minilm = {"id": "minilm-l6", "format": "torch", "task": "pydoc-retrieval"}
+    student = {"method": "distill.student", "params": {"replace_words": 0.3}}
+    error = _error({"steps": [{"method": "vocab.trim"}, student]}, minilm, ["pydoc-retrieval"])
+    assert error.field == "steps.1.replace_words" and "put vocab.trim after distill.student" in str(error)
+    _validate({"steps": [student, {"method": "vocab.trim"}]}, minilm, ["pydoc-retrieval"])
+    _validate({"steps": [{"method": "vocab.trim"}, {"method": "distill.student"}]}, minilm, ["pydoc-retrieval"])
