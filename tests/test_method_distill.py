@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from services.engine import pipeline, tasks, zoo
+from services.engine import pipeline, tasks, training_text, zoo
 from services.engine.export import export_onnx
 from services.engine.methods import REGISTRY
 from services.engine.methods import distill_student
@@ -211,9 +211,9 @@ def test_replace_words_adds_a_copy_of_each_text_with_everyday_words_in_place_of_
     texts = pydoc_retrieval.fit_paragraphs()[:200]
     feed = family.encode(texts)
     names = ["input_ids", "attention_mask", "token_type_ids"]
-    arrays, words = distill_student._with_replaced_words(
-        [feed[n] for n in names], names, {"replace_words": 0.3, "seed": 0}, _context(tmp_path, MINILM, "text-transformer"))
-    assert words == distill_student.EVERYDAY_WORDS
+    arrays, words = training_text.with_replaced_words([feed[n] for n in names], names, 0.3, 0,
+                                                      _context(tmp_path, MINILM, "text-transformer"))
+    assert words == training_text.EVERYDAY_WORDS
     assert [len(a) for a in arrays] == [400, 400, 400]
     original, copy_ids = arrays[0][:200], arrays[0][200:]
     np.testing.assert_array_equal(arrays[1][200:], feed["attention_mask"])  # same lengths, same padding
@@ -276,11 +276,11 @@ def test_a_student_trained_for_4_bit_weights_loses_nothing_more_when_stored_in_4
 
 
 def test_extra_text_never_includes_a_scored_paragraph():
-    scored = set(distill_student.scored_texts())
-    extra = distill_student.stdlib_paragraphs(exclude=frozenset(scored))
+    scored = set(training_text.scored_texts())
+    extra = training_text.stdlib_paragraphs(exclude=frozenset(scored))
     assert len(extra) > 1000 and len(set(extra)) == len(extra)
     assert not scored & set(extra)
-    assert all(len(p) >= distill_student.MIN_PARAGRAPH_CHARS for p in extra)
+    assert all(len(p) >= training_text.MIN_PARAGRAPH_CHARS for p in extra)
 
 
 def test_kept_layers_are_spread_from_the_first_to_the_last():

@@ -246,7 +246,7 @@ def _with_stdlib_text(arrays: list, names: list, fit, adapter) -> list:
     steps, and the recovered model fits them rather than text in general."""
     import numpy as np
 
-    from services.engine.methods.distill_student import scored_texts, stdlib_paragraphs
+    from services.engine.training_text import scored_texts, stdlib_paragraphs
 
     texts = list(fit.extra.get("texts") or [])
     extra = stdlib_paragraphs(exclude=frozenset(scored_texts()) | frozenset(texts))

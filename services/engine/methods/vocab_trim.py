@@ -136,7 +136,7 @@ def apply(net, params: dict, context) -> None:
     texts = list(texts)
     counted_in = f"{len(texts):,} fitting texts that are never scored"
     if params["extra_text"] and context.model_id == "minilm-l6":
-        from services.engine.methods.distill_student import scored_texts, stdlib_paragraphs
+        from services.engine.training_text import scored_texts, stdlib_paragraphs
 
         extra = stdlib_paragraphs(exclude=frozenset(scored_texts()) | frozenset(texts))
         texts += extra
