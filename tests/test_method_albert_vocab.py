@@ -135,6 +135,13 @@ def test_exact_tokens_keep_the_most_used_tokens_vectors_and_lift_the_worst_parag
     assert "300 tokens the fitting texts use most" in context.notes[0]
 
 
+def test_exact_tokens_without_weighting_says_the_svd_was_plain(prepared, net, tmp_path):
+    context = _context(prepared, tmp_path)
+    REGISTRY["share.embedding"].apply(net, _params("share.embedding", E=64, exact_tokens=100, weight_by_use=False),
+                                      context)
+    assert "the 100 tokens the fitting texts use most" in context.notes[0] and "weighted by" not in context.notes[0]
+
+
 def test_vocab_trim_after_exact_tokens_keeps_their_vectors(prepared, net, tmp_path):
     context = _context(prepared, tmp_path)
     REGISTRY["share.embedding"].apply(net, _params("share.embedding", E=64, exact_tokens=200), context)

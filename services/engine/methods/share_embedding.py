@@ -117,8 +117,8 @@ def apply(net, params: dict, context) -> None:
     context.progress(0.35, f"factorizing the {vocabulary} × {hidden} word embedding to E = {rank}")
     counts = _token_counts(context, vocabulary) if params["weight_by_use"] or params["exact_tokens"] else None
     # Add-one: a token the fitting texts never used still counts a little.
-    weights = (counts.double() + 1.0 if counts is not None and params["weight_by_use"]
-               else torch.ones(vocabulary, dtype=torch.float64))
+    weighted = counts is not None and params["weight_by_use"]
+    weights = counts.double() + 1.0 if weighted else torch.ones(vocabulary, dtype=torch.float64)
     with torch.no_grad():
         # Truncated SVD of the table with each row weighted by how often its token is used: the
         # E directions that best keep the vectors of frequent tokens (plain SVD treats the 30,000
@@ -154,7 +154,7 @@ def apply(net, params: dict, context) -> None:
     context.notes.append(
         f"The word embedding was factorized to {vocabulary:,} × {rank} + {rank} × {hidden}{exact_note}: {after:,} "
         f"numbers instead of {before:,}; the rank-{rank} approximation keeps {100 * energy:.1f}% of the table's "
-        f"energy{'' if counts is None else ', weighted by how often texts that are not scored use each token'}"
+        f"energy{', weighted by how often texts that are not scored use each token' if weighted else ''}"
         f" (no retraining).")
 
 
