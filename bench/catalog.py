@@ -25,6 +25,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 QUANT = {"method": "quantize.dynamic", "params": {}}
+
+
+def student_on_4_bits(E: int, exact_tokens: int, layers: int, steps: int, replace_words: float = 0.0) -> list:
+    """Target B's recipe shape: a factorized table, a student trained for 4-bit weights and embeddings
+    (blocks of 128), then stored in 4 bits."""
+    embedding = {"E": E, **({"exact_tokens": exact_tokens} if exact_tokens else {})}
+    student = {"layers": layers, "steps": steps, "train_for": "4-bit weights and embeddings", "block_size": 128,
+               **({"replace_words": replace_words} if replace_words else {})}
+    return [{"method": "share.embedding", "params": embedding}, {"method": "distill.student", "params": student},
+            {"method": "quantize.int4_weights", "params": {"quantize_embeddings": True, "block_size": 128}}]
+
+
 RECIPES = {
     "prune.magnitude 0.3": [{"method": "prune.magnitude", "params": {"amount": 0.3}}],
     "prune.structured 0.5 (heads + FFN)": [{"method": "prune.structured", "params": {"amount": 0.5}}],
@@ -51,45 +63,21 @@ RECIPES = {
         {"method": "quantize.int4_weights", "params": {"quantize_embeddings": True, "block_size": 64}}],
     # every token kept (a factorized table instead of a trimmed one), five layers, blocks of 128: 7.85 MB,
     # mean 0.971 / worst 0.828 (about 23 minutes of training on 2 threads)
-    "target B: share.embedding E=160 -> student 5 layers (4-bit training) -> int4 (blocks of 128)": [
-        {"method": "share.embedding", "params": {"E": 160}},
-        {"method": "distill.student", "params": {"layers": 5, "steps": 1200, "train_for": "4-bit weights and embeddings",
-                                                 "block_size": 128}},
-        {"method": "quantize.int4_weights", "params": {"quantize_embeddings": True, "block_size": 128}}],
+    "target B: share.embedding E=160 -> student 5 layers (4-bit training) -> int4 (blocks of 128)": student_on_4_bits(160, 0, 5, 1200),
     # a wider factorized table (E=192 alone keeps worst 0.913 against 0.892 at E=160, fp32, no training)
     # paid for with one layer fewer: 7.3 MB, 0.955 / 0.785 (21 min) -- the fifth layer matters more
-    "target B: share.embedding E=192 -> student 4 layers (4-bit training) -> int4 (blocks of 128)": [
-        {"method": "share.embedding", "params": {"E": 192}},
-        {"method": "distill.student", "params": {"layers": 4, "steps": 1200, "train_for": "4-bit weights and embeddings",
-                                                 "block_size": 128}},
-        {"method": "quantize.int4_weights", "params": {"quantize_embeddings": True, "block_size": 128}}],
+    "target B: share.embedding E=192 -> student 4 layers (4-bit training) -> int4 (blocks of 128)": student_on_4_bits(192, 0, 4, 1200),
     # the factorized table narrower still, but the 1,000 tokens the fitting texts use most keep their exact
     # vectors (share.embedding alone, fp32: worst 0.933 where E=160 alone keeps 0.892), five layers:
     # 7.5 MB, 0.971 / 0.820 (16 min)
-    "target B: share.embedding E=128 + 1000 exact tokens -> student 5 layers (4-bit training) -> int4 (blocks of 128)": [
-        {"method": "share.embedding", "params": {"E": 128, "exact_tokens": 1000}},
-        {"method": "distill.student", "params": {"layers": 5, "steps": 1200, "train_for": "4-bit weights and embeddings",
-                                                 "block_size": 128}},
-        {"method": "quantize.int4_weights", "params": {"quantize_embeddings": True, "block_size": 128}}],
+    "target B: share.embedding E=128 + 1000 exact tokens -> student 5 layers (4-bit training) -> int4 (blocks of 128)": student_on_4_bits(128, 1000, 5, 1200),
     # the same, and the student also trains on copies of its texts with 30% of the tokens replaced by everyday
     # words (the worst paragraphs above are ordinary English the training text never uses): 0.970 / 0.864 (18 min)
-    "target B: share.embedding E=128 + 1000 exact tokens -> student 5 layers (4-bit training + 30% words replaced) -> int4": [
-        {"method": "share.embedding", "params": {"E": 128, "exact_tokens": 1000}},
-        {"method": "distill.student", "params": {"layers": 5, "steps": 1200, "train_for": "4-bit weights and embeddings",
-                                                 "block_size": 128, "replace_words": 0.3}},
-        {"method": "quantize.int4_weights", "params": {"quantize_embeddings": True, "block_size": 128}}],
+    "target B: share.embedding E=128 + 1000 exact tokens -> student 5 layers (4-bit training + 30% words replaced) -> int4": student_on_4_bits(128, 1000, 5, 1200, 0.3),
     # twice the steps, half the tokens of the copies replaced: 7.47 MB, 0.971 / 0.883 (32 min), the best so far
-    "target B: share.embedding E=128 + 1000 exact tokens -> student 5 layers (4-bit training + 50% words replaced; 2400 steps) -> int4": [
-        {"method": "share.embedding", "params": {"E": 128, "exact_tokens": 1000}},
-        {"method": "distill.student", "params": {"layers": 5, "steps": 2400, "train_for": "4-bit weights and embeddings",
-                                                 "block_size": 128, "replace_words": 0.5}},
-        {"method": "quantize.int4_weights", "params": {"quantize_embeddings": True, "block_size": 128}}],
+    "target B: share.embedding E=128 + 1000 exact tokens -> student 5 layers (4-bit training + 50% words replaced; 2400 steps) -> int4": student_on_4_bits(128, 1000, 5, 2400, 0.5),
     # the same with 70% of the tokens of the copies replaced
-    "target B: share.embedding E=128 + 1000 exact tokens -> student 5 layers (4-bit training + 70% words replaced; 2400 steps) -> int4": [
-        {"method": "share.embedding", "params": {"E": 128, "exact_tokens": 1000}},
-        {"method": "distill.student", "params": {"layers": 5, "steps": 2400, "train_for": "4-bit weights and embeddings",
-                                                 "block_size": 128, "replace_words": 0.7}},
-        {"method": "quantize.int4_weights", "params": {"quantize_embeddings": True, "block_size": 128}}],
+    "target B: share.embedding E=128 + 1000 exact tokens -> student 5 layers (4-bit training + 70% words replaced; 2400 steps) -> int4": student_on_4_bits(128, 1000, 5, 2400, 0.7),
 }
 # aimed at "<= 23 MB, no slower than the by-hand default, mean >= 0.99, worst >= 0.98": int8 everywhere
 # except the most sensitive MatMul(s) of a quantize.dynamic sensitivity scan, kept in float or as 4-bit
