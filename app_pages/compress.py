@@ -7,7 +7,8 @@ import streamlit as st
 from services import api
 from services.catalog import TASKS, architecture_of
 from services.errors import UserError
-from services.recipes import fitting_sample_count, parse_recipe_text
+from services.recipes import parse_recipe_text
+from services.recovery_recipe import fitting_sample_count
 from ui.charts import sensitivity_chart
 from ui.recipe_form import param_widget
 from ui.session import get_db, worker_banner

@@ -85,13 +85,13 @@ def recovery_options(db, model_id: str, task: str) -> list[dict]:
     """Every recovery objective: whether this model and its data allow it, and if not, why (a sentence)."""
     from services.catalog import architecture_of
     from services.engine.objectives import OBJECTIVES, why_not
-    from services.recipes import SUPPORTED_OBJECTIVES, labels_available, output_kind_of
+    from services.recovery_recipe import RECOVERY_OBJECTIVES, labels_available, output_kind_of
 
     model = get_model(db, model_id)
     labelled, kind, architecture = labels_available(model, task), output_kind_of(model), architecture_of(model)
     return [{"name": o.name, "title": o.title, "explanation": o.explanation, "needs_labels": o.needs_labels,
              "reason": why_not(o.name, architecture, kind, labelled)}
-            for o in OBJECTIVES.values() if o.name in SUPPORTED_OBJECTIVES]
+            for o in OBJECTIVES.values() if o.name in RECOVERY_OBJECTIVES]
 
 
 def recovery_helpers(db, model_id: str) -> list[dict]:
@@ -111,7 +111,7 @@ def selection_strategies() -> list[dict]:
 
 
 def recovery_params() -> list[dict]:
-    from services.recipes import RECOVERY_PARAMS
+    from services.recovery_recipe import RECOVERY_PARAMS
 
     return [p.schema() for p in RECOVERY_PARAMS]
 

@@ -1,4 +1,5 @@
-"""services/recipes.py: parsing (JSON, YAML, files), defaults, and errors that point at their field.
+"""services/recipes.py and services/recovery_recipe.py: parsing (JSON, YAML, files), defaults, and errors
+that point at their field.
 
 Also: the modules the web process imports never pull in torch or onnxruntime.
 """
@@ -15,7 +16,8 @@ from conftest import PROJECT_ROOT
 from services import api
 from services.engine.methods import REGISTRY
 from services.errors import UserError
-from services.recipes import RECOVERY_OBJECTIVES, load_recipe_text, validate_recipe
+from services.recipes import load_recipe_text, validate_recipe
+from services.recovery_recipe import RECOVERY_OBJECTIVES
 
 TORCH_MODEL = {"id": "digits-cnn", "format": "torch", "task": "digits"}
 ONNX_MODEL = {"id": "uploaded", "format": "onnx", "task": "fidelity"}
@@ -309,12 +311,12 @@ def test_nan_is_not_a_valid_amount(text):
 
 def test_a_one_sided_range_is_reported_as_a_user_error():
     from services.engine.registry import Param
-    from services.recipes import _check_param
 
     steps = Param("steps", "int", 100, "Training steps.", minimum=1)
-    assert _check_param("recover.finetune", 0, steps, 50) == 50
-    with pytest.raises(UserError, match="steps"):
-        _check_param("recover.finetune", 0, steps, 0)
+    assert steps.clean(50, "Step 1 (recover.finetune): 'steps'", "steps.0.steps") == 50
+    with pytest.raises(UserError, match="Step 1 \\(recover.finetune\\): 'steps' must be at least 1; got 0") as caught:
+        steps.clean(0, "Step 1 (recover.finetune): 'steps'", "steps.0.steps")
+    assert caught.value.field == "steps.0.steps"
 
 
 def test_a_recipe_file_that_is_not_text_is_a_user_error(tmp_path):

@@ -26,6 +26,61 @@ class Param:
     # A compression rate the search may move: 'higher' or 'lower' compresses more (services/search.py).
     compresses: str = ""
 
+    def clean(self, value: Any, where: str, field: str) -> Any:
+        """`value` checked against this parameter and converted (an int to a float where a float is due);
+        a UserError that names `where` ("Step 2 (prune.magnitude): 'amount'") and the form's `field` otherwise."""
+        import math
+
+        from services.errors import UserError
+
+        if self.kind in ("float", "int"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"{where} must be a number, not {value!r}.", field=field)
+            if isinstance(value, int) and abs(value) > 2 ** 53:
+                raise UserError(f"{where} is far out of range; got a number with {len(str(value))} digits.", field=field)
+            if self.kind == "int":
+                if float(value) != int(value):
+                    raise UserError(f"{where} must be a whole number, not {value!r}.", field=field)
+                value = int(value)
+            else:
+                value = float(value)
+            if not math.isfinite(value):
+                raise UserError(f"{where} must be a finite number; got {value!r}.", field=field)
+            too_low = self.minimum is not None and value < self.minimum
+            too_high = self.maximum is not None and value > self.maximum
+            if too_low or too_high:
+                if self.minimum is not None and self.maximum is not None:
+                    allowed = f"between {self.minimum:g} and {self.maximum:g}"
+                elif self.minimum is not None:
+                    allowed = f"at least {self.minimum:g}"
+                else:
+                    allowed = f"at most {self.maximum:g}"
+                raise UserError(f"{where} must be {allowed}; got {value:g}.", field=field)
+            return value
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise UserError(f"{where} must be true or false, not {value!r}.", field=field)
+            return value
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise UserError(f"{where} must be one of {', '.join(map(str, self.choices))}; got {value!r}.",
+                                field=field)
+            return value
+        if self.kind in ("multichoice", "names"):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise UserError(f"{where} must be a list of names.", field=field)
+            if self.kind == "multichoice":
+                unknown = [v for v in value if v not in self.choices]
+                if unknown:
+                    raise UserError(f"{where}: unknown choice {unknown[0]!r}; choose from "
+                                    f"{', '.join(self.choices)}.", field=field)
+                if not value:
+                    raise UserError(f"{where} needs at least one choice.", field=field)
+            return value
+        raise AssertionError(f"unknown parameter kind {self.kind}")
+
     def schema(self) -> dict:
         out = {"name": self.name, "type": self.kind, "default": self.default, "help": self.help}
         if self.compresses:
