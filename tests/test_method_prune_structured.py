@@ -111,14 +111,14 @@ def test_refitting_keeps_more_of_the_digits_answers(store, tmp_path):
 
 
 def test_a_refit_makes_up_exactly_for_an_input_the_kept_ones_predict():
-    from services.engine.methods.prune_structured import _Statistics
+    from services.engine.methods._channel_statistics import ChannelStatistics
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(500, 5, generator=generator, dtype=torch.float64)
     x = torch.cat([x, (x[:, :1] + 2 * x[:, 1:2] + 0.5)], 1)  # input 5 is predicted by inputs 0, 1 and the bias
     layer = torch.nn.Linear(6, 3).double()
     expected = layer(x).detach()
-    stats = _Statistics()
+    stats = ChannelStatistics()
     stats.count[layer], stats.sums[layer], stats.grams[layer] = len(x), x.sum(0), x.T @ x
     stats.DAMPING = 0.0
     with torch.no_grad():
