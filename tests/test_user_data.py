@@ -369,21 +369,21 @@ def test_label_order_and_the_fitting_split():
 
 
 def test_audio_input_layouts_are_read_from_the_input_shape(tmp_path):
-    from services.engine.tasks import uploaded
+    from services.engine.tasks import recordings
 
     paths = []
     for i, samples in enumerate((3_000, 6_000)):  # one shorter, one longer than the inputs below
         paths.append(tmp_path / f"{i}.wav")
         paths[-1].write_bytes(wav_bytes(tone(LOW_HZ, samples)))
-    channel, _ = uploaded.audio_inputs(paths, "audio", {"dtype": "float", "sample_shape": [1, 4_000]}, "d")
+    channel, _ = recordings.audio_inputs(paths, "audio", {"dtype": "float", "sample_shape": [1, 4_000]}, "d")
     assert channel.shape == (2, 1, 4_000) and not channel[0, 0, 3_000:].any() and channel[1, 0, -1] != 0
-    frames_first, _ = uploaded.audio_inputs(paths, "mels", {"dtype": "float", "sample_shape": [12, 80]}, "d")
-    mel_first, how = uploaded.audio_inputs(paths, "mels", {"dtype": "double", "sample_shape": [80, 12]}, "d")
+    frames_first, _ = recordings.audio_inputs(paths, "mels", {"dtype": "float", "sample_shape": [12, 80]}, "d")
+    mel_first, how = recordings.audio_inputs(paths, "mels", {"dtype": "double", "sample_shape": [80, 12]}, "d")
     assert frames_first.shape == (2, 12, 80) and mel_first.shape == (2, 80, 12) and mel_first.dtype == np.float64
     assert np.allclose(mel_first.transpose(0, 2, 1), frames_first, atol=1e-5)
     assert "of the first 12 frames (0.22 s" in how
     with pytest.raises(UserError, match="takes int64 values"):
-        uploaded.audio_inputs(paths, "ids", {"dtype": "int64", "sample_shape": [4_000]}, "d")
+        recordings.audio_inputs(paths, "ids", {"dtype": "int64", "sample_shape": [4_000]}, "d")
 
 
 # ---- the Models page attaches a data set ---------------------------------------------------------

@@ -7,6 +7,12 @@ from typing import Any
 import numpy as np
 
 
+# ONNX element types, as the import records them on an input's spec, and their numpy types
+NUMPY_TYPES = {"float": np.float32, "float16": np.float16, "double": np.float64, "int64": np.int64,
+               "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
+               "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64}
+
+
 @dataclass
 class EvalSet:
     inputs: dict[str, np.ndarray]  # ONNX input name -> array, batch first, every sample of the split

@@ -6,7 +6,7 @@
   - CSV (text, optional label) for a Hugging Face model: the texts tokenized with the upload's own
     tokenizer;
   - WAV files (16 kHz mono) for an ONNX model with one audio input: the waveform padded or cut to the
-    input's length, or the project's log-mel features (speech/features.py) for a (frames, 80) input;
+    input's length, or the project's log-mel features for a (frames, 80) input (tasks/recordings.py);
   a CSV or WAV set is split: every 5th row is kept for fitting when it has 50 rows or more, and labels
   map to output indices in the order fixed at import (meta["label_names"], see data_fit.label_order);
 - a built-in task whose inputs fit the model (an ONNX digits classifier on `digits`);
@@ -21,14 +21,14 @@ import importlib
 import json
 import random
 import re
-import wave
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from services import data_fit
-from services.engine.tasks.base import EvalSet
+from services.engine.tasks.base import NUMPY_TYPES, EvalSet
+from services.engine.tasks.recordings import audio_inputs
 from services.errors import UserError
 
 SEED = 0
@@ -43,11 +43,7 @@ BUILTIN_DATA_TASKS = {"digits": "services.engine.tasks.digits"}  # tasks whose i
 FIT_EVERY = 5
 MIN_ROWS_TO_SPLIT = 50
 MAX_DATA_SAMPLES = 1024
-AUDIO_RATE = 16_000
 
-NUMPY_TYPES = {"float": np.float32, "float16": np.float16, "double": np.float64, "int64": np.int64,
-               "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
-               "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64}
 
 
 def meta_of(model: dict) -> dict:
@@ -364,55 +360,3 @@ def user_data_set(meta: dict, home: Path, with_labels: bool, part: str) -> EvalS
         extra["overlaps_scoring"] = True
     return EvalSet(inputs=inputs, labels=labels, latency_batch=int(meta.get("latency_batch", LATENCY_BATCH)),
                    extra=extra)
-
-
-def read_wav_16k(path: Path) -> np.ndarray:
-    """A stored recording (16 kHz mono 16-bit PCM, as services/wav_zip.py writes it) as floats in [-1, 1)."""
-    try:
-        with wave.open(str(path)) as handle:
-            layout = (handle.getframerate(), handle.getnchannels(), handle.getsampwidth())
-            raw = handle.readframes(handle.getnframes())
-    except (OSError, wave.Error, EOFError):
-        raise UserError(f"The recording {path.name} of the data set cannot be read; import the data set again.") \
-            from None
-    if layout != (AUDIO_RATE, 1, 2):
-        raise UserError(f"The recording {path.name} of the data set is not 16 kHz mono 16-bit; import the data set "
-                        f"again.")
-    return np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
-
-
-def _fit_length(waveform: np.ndarray, samples: int) -> np.ndarray:
-    """The first `samples` samples; a shorter recording is followed by silence."""
-    out = np.zeros(samples, np.float32)
-    out[:min(samples, len(waveform))] = waveform[:samples]
-    return out
-
-
-def audio_inputs(paths: list[Path], input_name: str, spec: dict, dataset_name: str) -> tuple[np.ndarray, str]:
-    """The recordings as the model's audio input: waveforms (batch, samples), padded with silence or cut
-    to the input's length, or log-mel frames (batch, frames, 80) from speech/features.py, decided from
-    the input's shape (data_fit.audio_input_layout)."""
-    layout = data_fit.audio_input_layout(input_name, spec, dataset_name)
-    dtype = NUMPY_TYPES[spec["dtype"]]
-    shape = (len(paths), *spec["sample_shape"])
-    if layout["kind"] == "waveform":
-        samples = layout["samples"]
-        x = np.stack([_fit_length(read_wav_16k(p), samples) for p in paths]).reshape(shape)
-        return x.astype(dtype), (f"16 kHz waveforms of {samples:,} samples ({samples / AUDIO_RATE:.2f} s; longer "
-                                 f"recordings are cut, shorter ones padded with silence)")
-    from services.engine.speech import features
-
-    frames = layout["frames"]
-    # (frames - 1) hops of audio give exactly `frames` centred frames
-    samples = (frames - 1) * features.HOP
-    mels = []
-    for start in range(0, len(paths), 128):  # one batched FFT per 128 recordings keeps memory small
-        chunk = [_fit_length(read_wav_16k(p), samples) for p in paths[start:start + 128]]
-        mels.extend(features.log_mels(chunk))
-    x = np.stack(mels)
-    if layout["mel_first"]:
-        x = x.transpose(0, 2, 1)
-    hop_ms = 1000 * features.HOP // features.SAMPLE_RATE
-    return x.reshape(shape).astype(dtype), (f"log-mel features ({features.N_MELS} bands, one frame every {hop_ms} "
-                                            f"ms) of the first {frames} frames ({samples / AUDIO_RATE:.2f} s; "
-                                            f"shorter recordings padded with silence)")
