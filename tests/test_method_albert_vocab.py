@@ -142,6 +142,16 @@ def test_exact_tokens_without_weighting_says_the_svd_was_plain(prepared, net, tm
     assert "the 100 tokens the fitting texts use most" in context.notes[0] and "weighted by" not in context.notes[0]
 
 
+def test_exact_tokens_say_why_when_the_task_gives_no_token_ids(prepared, net, tmp_path):
+    from services.engine.tasks.base import EvalSet
+
+    context = _context(prepared, tmp_path)
+    # a task whose fitting inputs are features, not ids of this table (an uploaded model's own data, say)
+    context._fit_set = EvalSet(inputs={"features": np.zeros((4, 8), np.float32)}, labels=None)
+    with pytest.raises(UserError, match="this task's inputs are not token ids of this table; set exact_tokens to 0"):
+        REGISTRY["share.embedding"].apply(net, _params("share.embedding", E=64, exact_tokens=100), context)
+
+
 def test_vocab_trim_after_exact_tokens_keeps_their_vectors(prepared, net, tmp_path):
     context = _context(prepared, tmp_path)
     REGISTRY["share.embedding"].apply(net, _params("share.embedding", E=64, exact_tokens=200), context)

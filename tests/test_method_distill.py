@@ -202,30 +202,59 @@ def test_after_vocab_trim_the_student_reads_its_own_ids_and_learns_from_the_full
     assert "mixed-vocabulary distillation" in context.notes[-1]
 
 
-def test_replace_words_adds_a_copy_of_each_text_with_everyday_words_in_place_of_some_tokens(tmp_path):
+def test_replace_words_swaps_everyday_words_into_half_of_each_batch_drawn_afresh_every_time(tmp_path):
     import json
 
+    from services.engine import distill
     from services.engine.families import minilm as family
     from services.engine.methods.vocab_trim import frequent_words
 
-    texts = pydoc_retrieval.fit_paragraphs()[:200]
+    texts = pydoc_retrieval.fit_paragraphs()[:64]
     feed = family.encode(texts)
     names = ["input_ids", "attention_mask", "token_type_ids"]
-    arrays, words = training_text.with_replaced_words([feed[n] for n in names], names, 0.3, 0,
-                                                      _context(tmp_path, MINILM, "text-transformer"))
+    arrays = [feed[n] for n in names]
+    plain = distill.batches_from_arrays(arrays, 64, seed=0, mask_index=1)
+    batches, words = training_text.with_replaced_words(distill.batches_from_arrays(arrays, 64, seed=0, mask_index=1),
+                                                       names, 0.3, 0, _context(tmp_path, MINILM, "text-transformer"))
     assert words == training_text.EVERYDAY_WORDS
-    assert [len(a) for a in arrays] == [400, 400, 400]
-    original, copy_ids = arrays[0][:200], arrays[0][200:]
-    np.testing.assert_array_equal(arrays[1][200:], feed["attention_mask"])  # same lengths, same padding
-    changed = original != copy_ids
-    special = np.isin(original, [0, 101, 102])  # [PAD], [CLS], [SEP] stay
-    assert not changed[special].any()
-    share = changed.sum() / (~special).sum()
-    assert 0.25 < share < 0.32, share  # 30 %, less the draws that picked the same word
+    epochs = [(next(plain).inputs, next(batches).inputs) for _ in range(2)]
+    changed_rows = []
+    for original, replaced in epochs:
+        np.testing.assert_array_equal(replaced[1].numpy(), original[1].numpy())  # same lengths, same padding
+        before, after = original[0].numpy(), replaced[0].numpy()
+        changed = before != after
+        special = np.isin(before, [0, 101, 102])  # [PAD], [CLS], [SEP] stay
+        assert not changed[special].any()
+        rows = changed.any(axis=1)
+        assert 20 <= rows.sum() <= 44, rows.sum()  # about half of the texts ...
+        share = changed[rows].sum() / (~special[rows]).sum()
+        assert 0.25 < share < 0.32, share  # ... with 30 % of their tokens, less the draws that picked the same word
+        changed_rows.append((before, after, rows))
+    # the second epoch's replacements are new draws, not the first epoch's again
+    first, second = ({tuple(b): tuple(a) for b, a, r in zip(*epoch) if r} for epoch in changed_rows)
+    both = set(first) & set(second)
+    assert both and all(first[text] != second[text] for text in both)
     tokenizer = family.tokenizer()
-    drawn = {tokenizer.id_to_token(int(i)) for i in copy_ids[changed]}
+    drawn = {tokenizer.id_to_token(int(i)) for before, after, _ in changed_rows for i in after[before != after]}
     frequent = set(frequent_words(json.loads((family.package_dir() / "tokenizer.json").read_text()), 10_000))
-    assert drawn <= frequent and len(drawn) > 1000  # spread over the vocabulary's frequent words
+    assert drawn <= frequent and len(drawn) > 500  # spread over the vocabulary's frequent words
+
+
+def test_replace_words_says_why_it_cannot_read_a_model_without_a_wordpiece_tokenizer(tmp_path):
+    import json
+
+    names = ["input_ids", "attention_mask"]
+
+    def uploaded(folder):
+        return SimpleNamespace(model_id="up1", adapter=SimpleNamespace(folder=folder), user_error=UserError)
+
+    with pytest.raises(UserError, match="this model has no such tokenizer or input"):
+        training_text.WordReplacer(names, uploaded(tmp_path))  # a folder without tokenizer.json
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}))
+    with pytest.raises(UserError, match="WordPiece \\(BERT-like\\) vocabulary; this model's tokenizer is of another kind"):
+        training_text.WordReplacer(names, uploaded(tmp_path))
+    with pytest.raises(UserError, match="this model has no such tokenizer or input"):
+        training_text.WordReplacer(["pixels"], uploaded(tmp_path))
 
 
 def test_a_minilm_student_trained_on_replaced_words_says_so_and_is_refused_after_vocab_trim(minilm, tmp_path):
@@ -233,8 +262,8 @@ def test_a_minilm_student_trained_on_replaced_words_says_so_and_is_refused_after
     context = _context(tmp_path, MINILM, "text-transformer")
     METHOD.apply(student, _params(MINILM, layers=3, steps=6, batch_size=8, extra_text=False, replace_words=0.3),
                  context)
-    assert "765 fitting paragraphs, and a copy of each with 30% of its tokens replaced by random ones among the " \
-           "vocabulary's 10,000 most frequent words and word pieces" in context.notes[0]
+    assert "765 fitting paragraphs, half of each batch's texts with 30% of their tokens replaced by fresh random " \
+           "ones among the vocabulary's 10,000 most frequent words and word pieces" in context.notes[0]
 
     trimmed = copy.deepcopy(minilm.teacher)
     trim = validate_recipe({"steps": [{"method": "vocab.trim", "params": {}}]}, MINILM,

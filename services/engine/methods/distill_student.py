@@ -201,12 +201,13 @@ def _distill_text(net, params, context) -> None:
         if len(texts) > len(arrays[0]):  # the docstrings, encoded like the fitting split
             encoded = context.adapter.encode(texts[len(arrays[0]):])
             arrays = [np.concatenate([a, encoded[name]]) for a, name in zip(arrays, names)]
-        if params["replace_words"]:
-            arrays, how_many = with_replaced_words(arrays, names, params["replace_words"], params["seed"], context)
-            described += (f", and a copy of each with {100 * params['replace_words']:.0f}% of its tokens replaced by "
-                          f"random ones among the vocabulary's {how_many:,} most frequent words and word pieces")
         batches = distill.batches_from_arrays(arrays, params["batch_size"], params["seed"],
                                               mask_index=names.index("attention_mask"), trim_to_mask=True)
+        if params["replace_words"]:
+            batches, how_many = with_replaced_words(batches, names, params["replace_words"], params["seed"], context)
+            described += (f", half of each batch's texts with {100 * params['replace_words']:.0f}% of their tokens "
+                          f"replaced by fresh random ones among the vocabulary's {how_many:,} most frequent words "
+                          f"and word pieces")
     before = _count(teacher)
     layer_list, indices = drop_layers(net, params["layers"])
     pairs = [(f"{layer_list}.{j}", f"{layer_list}.{i}") for j, i in enumerate(indices)]
@@ -369,10 +370,10 @@ METHOD = Method(
         Param("extra_text", "bool", True, "MiniLM: also train on docstring paragraphs of Python's standard library "
               "(none of them is a scored paragraph); the fitting split alone is 765 paragraphs.",
               architectures=("text-transformer",)),
-        Param("replace_words", "float", 0.0, "Text: also train on a copy of every training text with this share "
-              "of its tokens replaced by random everyday words of the vocabulary (TinyBERT's augmentation), so the "
-              "student learns words the training text never uses; 0 = off.", minimum=0.0, maximum=0.9, step=0.05,
-              architectures=("text-transformer",)),
+        Param("replace_words", "float", 0.0, "Text: in half of the texts of every training batch, replace this "
+              "share of the tokens by random everyday words of the vocabulary, drawn afresh each time (TinyBERT's "
+              "augmentation), so the student learns words the training text never uses; 0 = off.",
+              minimum=0.0, maximum=0.9, step=0.05, architectures=("text-transformer",)),
         Param("train_for", "choice", "float", "What the student's weights are trained for: 'float', or the 4-bit grid "
               "of a later quantize.int4_weights step (its linear layers, and with 'and embeddings' its embedding "
               "tables too), so that storing them in 4 bits loses almost nothing more (quantization-aware training).",
