@@ -27,12 +27,13 @@ sys.path.insert(0, str(ROOT))
 QUANT = {"method": "quantize.dynamic", "params": {}}
 
 
-def student_on_4_bits(E: int, exact_tokens: int, layers: int, steps: int, replace_words: float = 0.0) -> list:
+def student_on_4_bits(E: int, exact_tokens: int, layers: int, steps: int, replace_words: float = 0.0,
+                      seed: int = 0) -> list:
     """Target B's recipe shape: a factorized table, a student trained for 4-bit weights and embeddings
     (blocks of 128), then stored in 4 bits."""
     embedding = {"E": E, **({"exact_tokens": exact_tokens} if exact_tokens else {})}
     student = {"layers": layers, "steps": steps, "train_for": "4-bit weights and embeddings", "block_size": 128,
-               **({"replace_words": replace_words} if replace_words else {})}
+               **({"replace_words": replace_words} if replace_words else {}), **({"seed": seed} if seed else {})}
     return [{"method": "share.embedding", "params": embedding}, {"method": "distill.student", "params": student},
             {"method": "quantize.int4_weights", "params": {"quantize_embeddings": True, "block_size": 128}}]
 
@@ -79,8 +80,11 @@ RECIPES = {
     # with fresh draws in every batch: 7.47 MB, 0.971 / 0.885 (33 min): the "bill's friends" paragraph rose
     # from 0.883 to 0.916, the Raymond Hettinger one is now the only one under 0.90 (0.885; the next 0.915)
     "target B: share.embedding E=128 + 1000 exact tokens -> student 5 layers (4-bit training + 50% words replaced; 2400 steps) -> int4": student_on_4_bits(128, 1000, 5, 2400, 0.5),
-    # the same, 3,600 steps
-    "target B: share.embedding E=128 + 1000 exact tokens -> student 5 layers (4-bit training + 50% words replaced; 3600 steps) -> int4": student_on_4_bits(128, 1000, 5, 3600, 0.5),
+    # the row above with the words drawn from the 20,000 most frequent instead of 10,000 (the Raymond Hettinger
+    # paragraph's "descriptions" and "illustration" were not among them): 7,470,704 bytes, 0.9705 / 0.9055,
+    # recall@1 0.184 (31 min): target B met (that paragraph 0.939; the worst is now "bill's friends", 0.906)
+    # the same with another seed (the student's batches and replacements): how much of the margin is luck
+    "target B: share.embedding E=128 + 1000 exact tokens -> student 5 layers (4-bit training + 50% words replaced; 2400 steps; seed 1) -> int4": student_on_4_bits(128, 1000, 5, 2400, 0.5, seed=1),
 }
 # aimed at "<= 23 MB, no slower than the by-hand default, mean >= 0.99, worst >= 0.98": int8 everywhere
 # except the most sensitive MatMul(s) of a quantize.dynamic sensitivity scan, kept in float or as 4-bit

@@ -216,7 +216,7 @@ def test_replace_words_swaps_everyday_words_into_half_of_each_batch_drawn_afresh
     plain = distill.batches_from_arrays(arrays, 64, seed=0, mask_index=1)
     batches, words = training_text.with_replaced_words(distill.batches_from_arrays(arrays, 64, seed=0, mask_index=1),
                                                        names, 0.3, 0, _context(tmp_path, MINILM, "text-transformer"))
-    assert words == training_text.EVERYDAY_WORDS
+    assert words == training_text.REPLACEMENT_WORDS
     epochs = [(next(plain).inputs, next(batches).inputs) for _ in range(2)]
     changed_rows = []
     for original, replaced in epochs:
@@ -236,7 +236,8 @@ def test_replace_words_swaps_everyday_words_into_half_of_each_batch_drawn_afresh
     assert both and all(first[text] != second[text] for text in both)
     tokenizer = family.tokenizer()
     drawn = {tokenizer.id_to_token(int(i)) for before, after, _ in changed_rows for i in after[before != after]}
-    frequent = set(frequent_words(json.loads((family.package_dir() / "tokenizer.json").read_text()), 10_000))
+    frequent = set(frequent_words(json.loads((family.package_dir() / "tokenizer.json").read_text()),
+                                  training_text.REPLACEMENT_WORDS))
     assert drawn <= frequent and len(drawn) > 500  # spread over the vocabulary's frequent words
 
 
@@ -263,7 +264,7 @@ def test_a_minilm_student_trained_on_replaced_words_says_so_and_is_refused_after
     METHOD.apply(student, _params(MINILM, layers=3, steps=6, batch_size=8, extra_text=False, replace_words=0.3),
                  context)
     assert "765 fitting paragraphs, half of each batch's texts with 30% of their tokens replaced by fresh random " \
-           "ones among the vocabulary's 10,000 most frequent words and word pieces" in context.notes[0]
+           "ones among the vocabulary's 20,000 most frequent words and word pieces" in context.notes[0]
 
     trimmed = copy.deepcopy(minilm.teacher)
     trim = validate_recipe({"steps": [{"method": "vocab.trim", "params": {}}]}, MINILM,
