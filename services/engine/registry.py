@@ -37,7 +37,8 @@ class Param:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise UserError(f"{where} must be a number, not {value!r}.", field=field)
             if isinstance(value, int) and abs(value) > 2 ** 53:
-                raise UserError(f"{where} is far out of range; got a number with {len(str(value))} digits.", field=field)
+                raise UserError(f"{where} is far out of range; got a number with {len(str(value))} digits.",
+                                field=field)
             if self.kind == "int":
                 if float(value) != int(value):
                     raise UserError(f"{where} must be a whole number, not {value!r}.", field=field)

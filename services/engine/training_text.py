@@ -63,8 +63,9 @@ class WordReplacer:
 
         path = tokenizer_json(context)
         if "input_ids" not in names or "attention_mask" not in names or path is None or not path.is_file():
-            raise context.user_error("replace_words draws words from the model's tokenizer.json and swaps them into "
-                                     "its input_ids; this model has no such tokenizer or input. Set replace_words to 0.")
+            raise context.user_error("replace_words draws words from the model's tokenizer.json and swaps them "
+                                     "into its input_ids; this model has no such tokenizer or input. Set "
+                                     "replace_words to 0.")
         spec = json.loads(path.read_text(encoding="utf-8"))
         if (spec.get("model") or {}).get("type") != "WordPiece":
             raise context.user_error("replace_words reads the most frequent words of a WordPiece (BERT-like) "
