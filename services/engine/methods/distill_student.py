@@ -371,8 +371,9 @@ METHOD = Method(
               "(none of them is a scored paragraph); the fitting split alone is 765 paragraphs.",
               architectures=("text-transformer",)),
         Param("replace_words", "float", 0.0, "Text: in half of the texts of every training batch, replace this "
-              "share of the tokens by random everyday words of the vocabulary, drawn afresh each time (TinyBERT's "
-              "augmentation), so the student learns words the training text never uses; 0 = off.",
+              "share of the tokens by random words among the vocabulary's 20,000 most frequent, drawn afresh "
+              "each time (TinyBERT's augmentation), so the student learns words the training text never uses; "
+              "0 = off.",
               minimum=0.0, maximum=0.9, step=0.05, architectures=("text-transformer",)),
         Param("train_for", "choice", "float", "What the student's weights are trained for: 'float', or the 4-bit grid "
               "of a later quantize.int4_weights step (its linear layers, and with 'and embeddings' its embedding "
